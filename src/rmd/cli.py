@@ -1,0 +1,127 @@
+"""The ``rmd`` command line.
+
+User mistakes (bad plans, bad files, bad options) end with a one-paragraph
+message and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; printed without a traceback."""
+
+
+def _cmd_schedule(args: argparse.Namespace) -> None:
+    from .plan import make_plan
+    from .recipes import load_recipe
+
+    if args.recipe:
+        recipe = load_recipe(args.recipe)
+        sched = recipe.schedule
+        steps = args.steps or sched.steps
+        resolutions = args.resolutions or sched.resolutions
+        thresholds = args.thresholds if args.thresholds is not None else sched.thresholds
+        shift = args.flow_shift if args.flow_shift is not None else sched.flow_shift
+    else:
+        if args.steps is None or args.resolutions is None:
+            raise UserError("give --steps and --resolutions (e.g. --steps 4 --resolutions 512,1024 --thresholds=-2.5), "
+                            "or --recipe NAME (see `rmd recipes`)")
+        steps, resolutions = args.steps, args.resolutions
+        thresholds = args.thresholds or ""
+        shift = args.flow_shift if args.flow_shift is not None else 1.0
+    plan = make_plan(steps, resolutions, thresholds, flow_shift=shift)
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=1))
+    else:
+        print(plan.table())
+
+
+def _cmd_recipes(args: argparse.Namespace) -> None:
+    from .recipes import list_recipes, load_recipe
+
+    for name in list_recipes():
+        r = load_recipe(name)
+        print(f"{name:16s} {r.description}")
+
+
+def _cmd_toy_train_teacher(args: argparse.Namespace) -> None:
+    from .toy.teacher import TeacherConfig, train_teacher
+
+    overrides = {}
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if args.batch_size is not None:
+        overrides["batch_size"] = args.batch_size
+    if args.seed is not None:
+        overrides["seed"] = args.seed
+    cfg = TeacherConfig(**overrides)
+    record = train_teacher(cfg, args.out, resume=not args.restart)
+    print(f"trained {cfg.steps} steps in {record['wall_seconds'] / 60:.1f} min; "
+          f"final loss {record['loss_curve'][-1]['loss']:.4f}; model written to {args.out}")
+
+
+def _cmd_toy_eval(args: argparse.Namespace) -> None:
+    from .toy.evaluate import run_eval_command
+
+    run_eval_command(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmd", description="Cross-Resolution Distribution Matching Distillation")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("schedule", help="print a stage plan (steps, times, resolutions, stages)")
+    s.add_argument("--recipe", help="take the schedule from a recipe (see `rmd recipes`); other flags override it")
+    s.add_argument("--steps", type=int, help="number of student steps N")
+    s.add_argument("--resolutions", help="comma-separated, low to high: 512,1024 or 480x832,720x1248")
+    s.add_argument("--thresholds", help="comma-separated logSNR thresholds, one per switch: --thresholds=-2.5")
+    s.add_argument("--flow-shift", type=float, help="SD3-style flow shift of the step times (default 1)")
+    s.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    s.set_defaults(func=_cmd_schedule)
+
+    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r.set_defaults(func=_cmd_recipes)
+
+    toy = sub.add_parser("toy", help="the embedded toy world: teacher training and evaluation")
+    toy_sub = toy.add_subparsers(dest="toy_command", required=True)
+    t = toy_sub.add_parser("train-teacher", help="train the toy SD3-class teacher from scratch (CPU, reproducible)")
+    t.add_argument("--out", required=True, help="output folder (a diffusers-style model folder)")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start again")
+    t.set_defaults(func=_cmd_toy_train_teacher)
+
+    e = toy_sub.add_parser("eval", help="evaluate the standard rows (real, teacher, teacher-low) with the toy evaluator")
+    e.add_argument("--num-images", type=int, default=256)
+    e.add_argument("--steps", type=int, default=50, help="teacher sampling steps")
+    e.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the teacher's own)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--rows", default="real,teacher,teacher-low", help="comma-separated rows to evaluate")
+    e.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
+    e.add_argument("--json", action="store_true", help="print the rows as JSON")
+    e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
+    e.set_defaults(func=_cmd_toy_eval)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from .plan import PlanError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (UserError, PlanError) as err:
+        print(f"rmd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The toy teacher: a small SD3Transformer2DModel trained with rectified flow on the toy world.
+
+Pixel space, 3 channels, target 32 px, trained at 8, 16 and 32 px. Pixel space
+because at 32 px a VAE would save little compute and would add a second trained
+model whose errors blur exactly the fine textures the cascade must restore.
+Patch size 4 (8x8 tokens at 32 px, 2x2 at 8 px) keeps a training step near half a
+second on 2 CPU cores.
+
+Training data follows the paper's account of real models: a share of the
+low-resolution images are degraded (:func:`rmd.toy.world.training_batch`), the
+full-resolution ones are clean. Caption dropout (empty prompt) trains the
+unconditional branch for classifier-free guidance.
+
+Loss: the flow-matching velocity MSE, ``|| v_theta(x_t, t) - (eps - x0) ||^2`` with
+``x_t = (1 - t) x0 + t eps`` and t drawn logit-normal (SD3's default).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from .text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+from .world import training_batch, vocabulary
+
+ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "toy")
+TEACHER_DIR = os.path.join(ASSET_DIR, "teacher")
+
+
+class TeacherConfig(BaseModel):
+    """Architecture and training settings of the toy teacher (validated; unknown keys are errors)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_resolution: int = 32
+    resolutions: tuple[int, ...] = (8, 16, 32)
+    resolution_weights: tuple[float, ...] = (0.25, 0.25, 0.5)
+    degrade_share: float = Field(0.5, ge=0.0, le=1.0, description="share of degraded images below the target resolution")
+    caption_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    patch_size: int = 4
+    num_layers: int = 6
+    attention_head_dim: int = 32
+    num_attention_heads: int = 4
+    text_width: int = 64
+    text_layers: int = 2
+    steps: int = Field(3000, ge=1)
+    batch_size: int = Field(48, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    warmup: int = Field(200, ge=0)
+    weight_decay: float = 0.01
+    ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    grad_clip: float = 1.0
+    logit_normal_std: float = 1.0
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 250
+    guidance_scale: float = Field(3.0, description="default CFG scale for sampling the teacher")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if len(self.resolutions) != len(self.resolution_weights):
+            raise ValueError("resolutions and resolution_weights must have the same length")
+        if max(self.resolutions) != self.target_resolution:
+            raise ValueError("the largest training resolution must be the target resolution")
+        for r in self.resolutions:
+            if r % self.patch_size:
+                raise ValueError(f"resolution {r} is not divisible by patch_size {self.patch_size}")
+        return self
+
+
+def build_transformer(cfg: TeacherConfig):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(cfg.seed)
+    return SD3Transformer2DModel(
+        sample_size=cfg.target_resolution,
+        patch_size=cfg.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=cfg.num_layers,
+        attention_head_dim=cfg.attention_head_dim,
+        num_attention_heads=cfg.num_attention_heads,
+        joint_attention_dim=cfg.text_width,
+        caption_projection_dim=cfg.attention_head_dim * cfg.num_attention_heads,
+        pooled_projection_dim=cfg.text_width,
+        pos_embed_max_size=cfg.target_resolution // cfg.patch_size,
+    )
+
+
+@dataclass
+class ToyTeacher:
+    """The loaded toy model folder: transformer, text encoder, and the config it was trained with."""
+
+    transformer: torch.nn.Module
+    text: ToyTextEncoder
+    config: TeacherConfig
+    path: Optional[str] = None
+
+    def denoiser(self):
+        from ..denoisers import SD3Denoiser
+
+        return SD3Denoiser(self.transformer, vae_scale_factor=1)
+
+
+def save_teacher(out_dir: str, transformer, text: ToyTextEncoder, cfg: TeacherConfig) -> None:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    transformer.save_pretrained(os.path.join(out_dir, "transformer"))
+    text.model.save_pretrained(os.path.join(out_dir, "text_encoder"))
+    text.tokenizer.save(os.path.join(out_dir, "tokenizer"))
+    FlowMatchEulerDiscreteScheduler(shift=1.0).save_config(os.path.join(out_dir, "scheduler"))
+    with open(os.path.join(out_dir, "toy_config.json"), "w") as f:
+        json.dump(cfg.model_dump(mode="json"), f, indent=1)
+
+
+def load_teacher(path: Optional[str] = None, device: str = "cpu") -> ToyTeacher:
+    """Load a toy teacher folder (default: the one shipped in the package), offline."""
+    from diffusers import SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    path = path or TEACHER_DIR
+    needed = ["transformer", "text_encoder", "tokenizer/vocab.json", "toy_config.json"]
+    missing = [n for n in needed if not os.path.exists(os.path.join(path, n))]
+    if missing:
+        raise FileNotFoundError(
+            f"toy teacher folder {path!r} lacks {missing}; train one with `rmd toy train-teacher --out DIR` "
+            "or reinstall the package to restore the shipped teacher"
+        )
+    with open(os.path.join(path, "toy_config.json")) as f:
+        cfg = TeacherConfig(**json.load(f))
+    transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, "transformer"), local_files_only=True)
+    encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True)
+    tok = ToyTokenizer.load(os.path.join(path, "tokenizer"))
+    transformer.eval().requires_grad_(False).to(device)
+    encoder.eval().requires_grad_(False).to(device)
+    return ToyTeacher(transformer, ToyTextEncoder(tok, encoder), cfg, path)
+
+
+# --- training ------------------------------------------------------------------------------
+
+
+def _lr_at(step: int, cfg: TeacherConfig) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _atomic_save(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def flow_matching_loss(model_out: torch.Tensor, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Per-sample velocity MSE: mean over pixels of (v_theta - (eps - x0))^2."""
+    return (model_out.float() - (eps - x0)).pow(2).flatten(1).mean(1)
+
+
+def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progress: bool = True) -> dict:
+    """Train the toy teacher; writes the model folder and ``training_record.json`` into ``out_dir``.
+
+    Reproducible: batch contents, times and noise come from generators seeded by
+    (seed, step), so a resumed run continues the same stream.
+    """
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    tok = ToyTokenizer(vocabulary())
+    encoder = build_text_encoder(tok, cfg.text_width, cfg.text_layers, seed=cfg.seed)
+    transformer = build_transformer(cfg)
+    params = list(transformer.parameters()) + list(encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ema_t, ema_e = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(encoder).requires_grad_(False)
+    record = {"command": " ".join(sys.argv), "config": cfg.model_dump(mode="json"), "loss_curve": [], "wall_seconds": 0.0}
+    start = 0
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    if resume and os.path.exists(ckpt_path):
+        state = torch.load(ckpt_path, weights_only=False)
+        if state["config"] != cfg.model_dump(mode="json"):
+            raise ValueError(f"{ckpt_path} was written with a different config; use another --out or delete it")
+        transformer.load_state_dict(state["transformer"])
+        encoder.load_state_dict(state["encoder"])
+        ema_t.load_state_dict(state["ema_transformer"])
+        ema_e.load_state_dict(state["ema_encoder"])
+        opt.load_state_dict(state["optimizer"])
+        record = state["record"]
+        start = state["step"]
+    transformer.train()
+    encoder.train()
+    res_rng_weights = list(cfg.resolution_weights)
+    window: list[float] = []
+    t_begin = time.time() - record["wall_seconds"]
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="teacher")
+    for step in bar:
+        rng = random.Random(cfg.seed * 1_000_003 + step)
+        res = rng.choices(cfg.resolutions, weights=res_rng_weights)[0]
+        share = cfg.degrade_share if res < cfg.target_resolution else 0.0
+        batch = training_batch(cfg.batch_size, res, rng.randrange(2**31), degrade_share=share)
+        prompts = ["" if rng.random() < cfg.caption_dropout else p for p in batch.prompts]
+        g = torch.Generator().manual_seed(rng.randrange(2**31))
+        x0 = batch.images
+        eps = torch.randn(x0.shape, generator=g)
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=g) * cfg.logit_normal_std)
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+        ids, mask = tok(prompts)
+        enc = encoder(input_ids=ids, attention_mask=mask)
+        out = transformer(hidden_states=xt, encoder_hidden_states=enc.last_hidden_state,
+                          pooled_projections=enc.text_embeds, timestep=1000 * t).sample
+        loss = flow_matching_loss(out, x0, eps).mean()
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for ema, live in ((ema_t, transformer), (ema_e, encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - cfg.ema_decay)
+        window.append(loss.item())
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            record["loss_curve"].append({"step": step + 1, "loss": sum(window) / len(window),
+                                         "seconds": round(time.time() - t_begin, 1)})
+            bar.set_postfix(loss=f"{sum(window) / len(window):.4f}")
+            window = []
+        if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+            record["wall_seconds"] = time.time() - t_begin
+            _atomic_save({"step": step + 1, "config": cfg.model_dump(mode="json"), "transformer": transformer.state_dict(),
+                          "encoder": encoder.state_dict(), "ema_transformer": ema_t.state_dict(),
+                          "ema_encoder": ema_e.state_dict(), "optimizer": opt.state_dict(), "record": record}, ckpt_path)
+    record["wall_seconds"] = round(time.time() - t_begin, 1)
+    record["threads"] = torch.get_num_threads()
+    # write the finished model next to the checkpoint, then swap it in: never a half-written folder
+    staging = os.path.join(out_dir, ".staging")
+    shutil.rmtree(staging, ignore_errors=True)
+    save_teacher(staging, ema_t.eval(), ToyTextEncoder(tok, ema_e.eval()), cfg)
+    with open(os.path.join(staging, "training_record.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    for name in os.listdir(staging):
+        dst = os.path.join(out_dir, name)
+        if os.path.isdir(dst):
+            shutil.rmtree(dst)
+        os.replace(os.path.join(staging, name), dst)
+    shutil.rmtree(staging, ignore_errors=True)
+    if os.path.exists(ckpt_path):
+        os.remove(ckpt_path)
+    return record

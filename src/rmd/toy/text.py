@@ -1,0 +1,120 @@
+"""The toy text encoder: a word-level tokenizer and a tiny CLIP text tower.
+
+Why this choice: the toy's prompts come from a closed vocabulary of ~50 words, so
+a word-level tokenizer is exact, has no files to download and cannot mis-split.
+The encoder is a real ``transformers.CLIPTextModelWithProjection`` (2 layers,
+width 64) trained jointly with the teacher, so the toy is loaded, conditioned and
+saved exactly like SD3's CLIP towers: per-token hidden states feed the joint
+attention, the projected end-of-text state feeds ``pooled_projections``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+
+
+class ToyTokenizer:
+    """Whitespace word tokenizer over a fixed vocabulary, with BOS/EOS and right padding."""
+
+    def __init__(self, words: Sequence[str], max_length: int = 24):
+        self.tokens = [PAD, BOS, EOS, UNK] + [w for w in words if w not in (PAD, BOS, EOS, UNK)]
+        self.index = {w: i for i, w in enumerate(self.tokens)}
+        self.max_length = max_length
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def pad_id(self) -> int:
+        return self.index[PAD]
+
+    @property
+    def bos_id(self) -> int:
+        return self.index[BOS]
+
+    @property
+    def eos_id(self) -> int:
+        return self.index[EOS]
+
+    def unknown_words(self, prompt: str) -> list[str]:
+        return [w for w in prompt.lower().split() if w not in self.index]
+
+    def __call__(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask), both (B, max_length); over-long prompts are an error."""
+        ids = torch.full((len(prompts), self.max_length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), self.max_length), dtype=torch.long)
+        unk = self.index[UNK]
+        for i, p in enumerate(prompts):
+            words = p.lower().split()
+            row = [self.bos_id] + [self.index.get(w, unk) for w in words] + [self.eos_id]
+            if len(row) > self.max_length:
+                raise ValueError(
+                    f"prompt {i} has {len(words)} words; the toy text encoder takes at most "
+                    f"{self.max_length - 2}. Shorten it: {p!r}"
+                )
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return ids, mask
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "vocab.json"), "w") as f:
+            json.dump({"tokens": self.tokens, "max_length": self.max_length}, f, indent=1)
+
+    @classmethod
+    def load(cls, directory: str) -> "ToyTokenizer":
+        with open(os.path.join(directory, "vocab.json")) as f:
+            data = json.load(f)
+        tok = cls([], data["max_length"])
+        tok.tokens = data["tokens"]
+        tok.index = {w: i for i, w in enumerate(tok.tokens)}
+        return tok
+
+
+def build_text_encoder(tokenizer: ToyTokenizer, width: int = 64, layers: int = 2, seed: int = 0) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.max_length,
+        projection_dim=width,
+        pad_token_id=tokenizer.pad_id,
+        bos_token_id=tokenizer.bos_id,
+        eos_token_id=tokenizer.eos_id,
+    )
+    torch.manual_seed(seed)
+    return CLIPTextModelWithProjection(config)
+
+
+@dataclass
+class ToyTextEncoder:
+    """Prompts -> :class:`Conditioning` (token states + pooled projection)."""
+
+    tokenizer: ToyTokenizer
+    model: CLIPTextModelWithProjection
+
+    def __call__(self, prompts: Sequence[str]):
+        from ..denoisers import Conditioning
+
+        ids, mask = self.tokenizer(prompts)
+        device = next(self.model.parameters()).device
+        out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device))
+        return Conditioning(embeds=out.last_hidden_state, pooled=out.text_embeds, mask=mask.to(device))
+
+    @torch.no_grad()
+    def encode(self, prompts: Sequence[str], batch_size: int = 256):
+        from ..denoisers import Conditioning
+
+        parts = [self(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+        return Conditioning.cat(parts)
