@@ -60,6 +60,7 @@ class TeacherConfig(BaseModel):
     warmup: int = Field(200, ge=0)
     weight_decay: float = 0.01
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0)
+    ema_warmup: bool = Field(True, description="decay min(ema_decay, (1 + step) / (10 + step)): early weights fade fast")
     grad_clip: float = 1.0
     logit_normal_std: float = 1.0
     seed: int = 0
@@ -169,11 +170,15 @@ def flow_matching_loss(model_out: torch.Tensor, x0: torch.Tensor, eps: torch.Ten
     return (model_out.float() - (eps - x0)).pow(2).flatten(1).mean(1)
 
 
-def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progress: bool = True) -> dict:
+def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progress: bool = True,
+                  init_from: Optional[str] = None) -> dict:
     """Train the toy teacher; writes the model folder and ``training_record.json`` into ``out_dir``.
 
     Reproducible: batch contents, times and noise come from generators seeded by
-    (seed, step), so a resumed run continues the same stream.
+    (seed, step), so a resumed run continues the same stream. ``init_from`` starts
+    from the weights of an earlier teacher folder (a second training phase with a
+    fresh optimiser and learning-rate schedule); that folder's record is kept
+    inside the new one, so the whole history stays reproducible.
     """
     from tqdm.auto import tqdm
 
@@ -181,10 +186,22 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
     tok = ToyTokenizer(vocabulary())
     encoder = build_text_encoder(tok, cfg.text_width, cfg.text_layers, seed=cfg.seed)
     transformer = build_transformer(cfg)
+    previous = None
+    if init_from is not None:
+        prev = load_teacher(init_from)
+        arch = ("patch_size", "num_layers", "attention_head_dim", "num_attention_heads", "text_width", "text_layers",
+                "target_resolution")
+        if any(getattr(prev.config, k) != getattr(cfg, k) for k in arch):
+            raise ValueError(f"--init-from {init_from}: its architecture differs from this config in {arch}")
+        transformer.load_state_dict(prev.transformer.state_dict())
+        encoder.load_state_dict(prev.text.model.state_dict())
+        with open(os.path.join(init_from, "training_record.json")) as f:
+            previous = json.load(f)
     params = list(transformer.parameters()) + list(encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     ema_t, ema_e = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(encoder).requires_grad_(False)
-    record = {"command": " ".join(sys.argv), "config": cfg.model_dump(mode="json"), "loss_curve": [], "wall_seconds": 0.0}
+    record = {"command": " ".join(sys.argv), "config": cfg.model_dump(mode="json"), "loss_curve": [], "wall_seconds": 0.0,
+              "init_from": previous}
     start = 0
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if resume and os.path.exists(ckpt_path):
@@ -226,10 +243,11 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
         with torch.no_grad():
             for ema, live in ((ema_t, transformer), (ema_e, encoder)):
                 for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - cfg.ema_decay)
+                    pe.lerp_(pl, 1 - decay)
         window.append(loss.item())
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             record["loss_curve"].append({"step": step + 1, "loss": sum(window) / len(window),

@@ -18,14 +18,16 @@ from typing import Sequence
 import torch
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
+PAD, BOS, UNK, EOS = "<pad>", "<bos>", "<unk>", "<eos>"
 
 
 class ToyTokenizer:
     """Whitespace word tokenizer over a fixed vocabulary, with BOS/EOS and right padding."""
 
     def __init__(self, words: Sequence[str], max_length: int = 24):
-        self.tokens = [PAD, BOS, EOS, UNK] + [w for w in words if w not in (PAD, BOS, EOS, UNK)]
+        # EOS must not get id 2: transformers' CLIP treats eos_token_id == 2 as the legacy
+        # convention and pools at the *largest token id* instead of at the end-of-text token
+        self.tokens = [PAD, BOS, UNK, EOS] + [w for w in words if w not in (PAD, BOS, EOS, UNK)]
         self.index = {w: i for i, w in enumerate(self.tokens)}
         self.max_length = max_length
 
