@@ -59,8 +59,12 @@ def _cmd_toy_train_teacher(args: argparse.Namespace) -> None:
         overrides["batch_size"] = args.batch_size
     if args.seed is not None:
         overrides["seed"] = args.seed
+    if args.lr is not None:
+        overrides["lr"] = args.lr
+    if args.warmup is not None:
+        overrides["warmup"] = args.warmup
     cfg = TeacherConfig(**overrides)
-    record = train_teacher(cfg, args.out, resume=not args.restart)
+    record = train_teacher(cfg, args.out, resume=not args.restart, init_from=args.init_from)
     print(f"trained {cfg.steps} steps in {record['wall_seconds'] / 60:.1f} min; "
           f"final loss {record['loss_curve'][-1]['loss']:.4f}; model written to {args.out}")
 
@@ -69,6 +73,42 @@ def _cmd_toy_eval(args: argparse.Namespace) -> None:
     from .toy.evaluate import run_eval_command
 
     run_eval_command(args)
+
+
+def _cmd_distill(args: argparse.Namespace) -> None:
+    from .distill.train import run_distill_command
+
+    run_distill_command(args)
+
+
+def _cmd_sample(args: argparse.Namespace) -> None:
+    from .distill.sample_cli import run_sample_command
+
+    run_sample_command(args)
+
+
+def _add_distill_parsers(sub) -> None:
+    d = sub.add_parser("distill", help="distil a teacher into a few-step cascaded generator (RMD, DMD2, TDM, naive)")
+    d.add_argument("--recipe", help="a built-in recipe with a distill section (see `rmd recipes`), e.g. toy-rmd")
+    d.add_argument("--config", help="a recipe YAML file, or a run's config.yaml")
+    d.add_argument("--out", required=True, help="run folder (metrics.jsonl, checkpoints/, export/, ...)")
+    d.add_argument("--max-steps", type=int, help="generator updates in total (overrides the config)")
+    d.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K iterations")
+    d.add_argument("--teacher", help="teacher model folder (overrides the config)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    d.add_argument("--quiet", action="store_true", help="no progress bar")
+    d.set_defaults(func=_cmd_distill)
+
+    s = sub.add_parser("sample", help="sample a distilled generator from a run folder")
+    s.add_argument("--run", required=True, help="a run folder written by `rmd distill`")
+    s.add_argument("--prompt", required=True)
+    s.add_argument("--out", required=True, help="output PNG (a grid when --num-images > 1)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, ...")
+    s.add_argument("--checkpoint", default=None,
+                   help="final (the export), latest (newest checkpoint) or a step number; default final if exported")
+    s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    s.set_defaults(func=_cmd_sample)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int)
     t.add_argument("--seed", type=int)
     t.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out and start again")
+    t.add_argument("--init-from", help="start from the weights of this teacher folder (a further training phase)")
+    t.add_argument("--lr", type=float)
+    t.add_argument("--warmup", type=int)
     t.set_defaults(func=_cmd_toy_train_teacher)
 
     e = toy_sub.add_parser("eval", help="evaluate the standard rows (real, teacher, teacher-low) with the toy evaluator")
@@ -107,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the rows as JSON")
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
     e.set_defaults(func=_cmd_toy_eval)
+
+    _add_distill_parsers(sub)
     return p
 
 

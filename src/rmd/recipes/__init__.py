@@ -2,17 +2,20 @@
 
 A recipe is parsed into :class:`Recipe`; unknown keys and wrong types are errors
 that name the key. Only the sections the engine uses so far are defined here;
-each section validates itself.
+each section validates itself. The optional ``distill:`` section
+(:class:`DistillConfig`) says how to distil the recipe's teacher; the trainer
+resolves it into a complete :class:`rmd.distill.config.RunConfig`.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
+from ..distill.algorithm import MethodConfig
 from ..plan import PlanError, StagePlan, make_plan
 
 RECIPE_DIR = os.path.dirname(__file__)
@@ -50,6 +53,57 @@ class SamplingConfig(BaseModel):
     upsample: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
 
 
+def _overrides_of(model: type[BaseModel], name: str) -> type[BaseModel]:
+    """A model with the same fields, types and bounds as ``model`` but nothing required.
+
+    Only the keys a recipe sets are overrides (``model_dump(exclude_unset=True)``), so an
+    explicit ``null`` (e.g. ``snr_clip: null``, "no clip") differs from "not given".
+    """
+    fields: dict[str, Any] = {}
+    for key, f in model.model_fields.items():
+        typ = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        fields[key] = (typ, Field(None, description=f.description))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
+
+
+MethodOverrides = _overrides_of(MethodConfig, "MethodOverrides")
+
+
+class DistillConfig(BaseModel):
+    """The ``distill:`` section: method, LoRA, optimiser and run-length settings (METHOD 5-6).
+
+    ``method`` picks a preset of :class:`rmd.distill.algorithm.MethodConfig`
+    (``rmd.distill.algorithm.PRESETS``); ``method_config`` overrides single settings of it.
+    Unset values are filled when the run config is resolved (``rmd.distill.config``):
+    ``teacher`` defaults to the shipped toy teacher, ``fake_lr`` to ``generator_lr``
+    (TDM: 5x ``generator_lr``), the matching CFG scale to ``teacher_guidance_scale``.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["rmd", "dmd2", "tdm", "naive"] = "rmd"
+    teacher: Optional[str] = Field(None, description="teacher model folder (default: the shipped toy teacher)")
+    method_config: MethodOverrides = Field(default_factory=MethodOverrides)  # type: ignore[valid-type]
+    lora_rank: int = Field(16, ge=1)
+    lora_alpha: Optional[float] = Field(None, gt=0, description="default: lora_rank (LoRA scale 1)")
+    lora_targets: Optional[list[str]] = Field(None, description="module names; default: attention projections")
+    generator_lr: float = Field(1e-4, gt=0)
+    fake_lr: Optional[float] = Field(None, gt=0, description="default: generator_lr; TDM: 5x generator_lr")
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    stage_loss_weights: Optional[list[float]] = Field(None, description="w_k of the generator loss, one per stage")
+    batch_size: int = Field(8, ge=1, description="prompts per process and iteration")
+    max_steps: int = Field(500, ge=1, description="generator updates")
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(3, ge=1, description="checkpoints kept on disk")
+    sample_every: int = Field(100, ge=0, description="write a sample grid every K iterations (0: never)")
+    num_sample_images: int = Field(8, ge=1)
+    seed: int = Field(0, ge=0)
+    mixed_precision: Literal["no", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -61,6 +115,7 @@ class Recipe(BaseModel):
     frames: Optional[int] = Field(None, ge=1, description="pixel frames, video backbones only")
     schedule: ScheduleConfig
     sampling: SamplingConfig = SamplingConfig()
+    distill: Optional[DistillConfig] = None
 
 
 def list_recipes() -> list[str]:

@@ -1,0 +1,206 @@
+"""One iteration of cross-resolution distribution matching distillation (Algorithm 1).
+
+The same function runs RMD and its neighbours; they differ only in settings
+(:class:`MethodConfig`, presets in :data:`PRESETS`):
+
+- RMD: stage plan with several resolutions; the generator's x0 at stage k is
+  upsampled to the teacher resolution (Eq. 4) and diffused to a teacher time drawn
+  inside stage k's teacher-frame interval; matched there (Eqs. 5-8).
+- DMD2: one stage; fresh-noise trajectory (eta 0); tau over [0.02, 0.98]; 5 fake
+  updates per generator update.
+- TDM: one stage; deterministic trajectory (eta 1); tau inside the sampled step's
+  interval; 1:1 updates.
+- naive cascade ("UP without RM"): the cascade plan, but each step is matched at its
+  own resolution against the teacher there (no cross-resolution matching).
+
+All randomness comes from one ``torch.Generator`` per iteration, so an iteration is
+a pure function of (weights, optimiser state, iteration seed): resume is exact.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Callable, Literal, Optional, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..denoisers import CFGDenoiser, Conditioning
+from ..plan import StagePlan
+from ..upsample import upsample, upsample_noise
+from .losses import dm_direction, dm_generator_loss, fake_score_loss
+from .roles import SharedBase
+
+
+class MethodConfig(BaseModel):
+    """Distillation settings shared by every method (METHOD 5-6)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    cross_resolution: bool = Field(True, description="match at the teacher resolution after upsampling (RMD)")
+    tau_mode: Literal["stage", "full", "step"] = "stage"
+    tau_range: tuple[float, float] = (0.02, 0.98)
+    eta: float = Field(0.0, ge=0, le=1, description="within-stage re-noising in backward simulation")
+    gamma: float = Field(0.2, ge=0, le=1, description="predicted-noise share when re-noising across resolutions (Eq. 10)")
+    upsample: Literal["bilinear", "bicubic", "nearest"] = "bilinear"
+    guidance_scale: float = Field(3.0, ge=0)
+    fake_updates: int = Field(1, ge=1, description="fake-score updates per generator update")
+    stage_weights: Optional[list[float]] = None
+    warmup_iters: int = Field(0, ge=0, description="first iterations distil stage 1 only")
+    min_divisor: float = Field(0.2, gt=0)
+    huber_c: Optional[float] = None
+    snr_clip: Optional[float] = Field(5.0, description="clip of the fake score's SNR weight (None: no clip)")
+
+
+PRESETS: dict[str, dict] = {
+    "rmd": dict(cross_resolution=True, tau_mode="stage", eta=0.0, gamma=0.2, fake_updates=1),
+    "dmd2": dict(cross_resolution=True, tau_mode="full", eta=0.0, gamma=0.0, fake_updates=5),
+    "tdm": dict(cross_resolution=True, tau_mode="step", eta=1.0, gamma=1.0, fake_updates=1),
+    "naive": dict(cross_resolution=False, tau_mode="full", eta=0.0, gamma=0.0, fake_updates=1),
+}
+
+
+@dataclass
+class StepLosses:
+    loss_generator: float
+    loss_fake: float
+    stage: int
+    step: int
+    dm_norm: float
+
+
+def pick_stage_and_step(plan: StagePlan, cfg: MethodConfig, iteration: int, rng: random.Random) -> tuple[int, int]:
+    """Stage k by the stage weights (stage 1 only during warm-up), then a step uniformly inside it."""
+    k_stages = len(plan.stages)
+    if iteration < cfg.warmup_iters:
+        k = 0
+    else:
+        weights = cfg.stage_weights or [len(s.steps) for s in plan.stages]
+        if len(weights) != k_stages:
+            raise ValueError(f"stage_weights has {len(weights)} entries for {k_stages} stages")
+        k = rng.choices(range(k_stages), weights=weights)[0]
+    return k, rng.choice(plan.stages[k].steps)
+
+
+def draw_tau(plan: StagePlan, cfg: MethodConfig, stage: int, step: int, batch: int, g: torch.Generator) -> torch.Tensor:
+    """Teacher time for the matching noise: inside the stage interval, the step interval, or a fixed range."""
+    lo_r, hi_r = cfg.tau_range
+    if cfg.tau_mode == "full" or not cfg.cross_resolution:
+        lo, hi = lo_r, hi_r
+    elif cfg.tau_mode == "stage":
+        st = plan.stages[stage]
+        lo, hi = max(st.t_lo, lo_r), min(st.t_hi, hi_r)
+    else:  # TDM: between this step's and the next step's teacher-frame times
+        hi = min(plan.steps[step].t_teacher, hi_r)
+        lo = max(plan.steps[step + 1].t_teacher if step + 1 < plan.num_steps else 0.0, lo_r)
+    if hi <= lo:
+        lo, hi = lo_r, hi_r
+    return lo + (hi - lo) * torch.rand(batch, generator=g, dtype=torch.float64).float()
+
+
+def simulate(generator, plan: StagePlan, cond: Conditioning, upto: int, cfg: MethodConfig,
+             g: torch.Generator, latent_shape: Callable[[tuple[int, int]], tuple[int, ...]]) -> torch.Tensor:
+    """Backward simulation: run the cascade from noise to the *input* state of step ``upto``, no gradients."""
+    b = len(cond)
+    dev = cond.embeds.device  # draws stay on the CPU generator (same stream on any device), then move
+    first = plan.steps[0]
+    x = torch.randn((b,) + tuple(latent_shape(first.size)), generator=g).to(dev)
+    x = x * math.sqrt((1 - first.t) ** 2 + first.t ** 2)
+    with torch.no_grad():
+        for i in range(upto):
+            s, nxt = plan.steps[i], plan.steps[i + 1]
+            x0, eps = generator(x, torch.full((b,), s.t, device=dev), cond)
+            if nxt.size != s.size:
+                # plan sizes are pixels; the state lives in latent space (pixel / vae_scale_factor)
+                hw = tuple(latent_shape(nxt.size)[-2:])
+                x0 = upsample(x0, hw, cfg.upsample)
+                eps = upsample_noise(eps, hw, cfg.upsample)
+                mix = cfg.gamma
+            else:
+                mix = cfg.eta
+            z = torch.randn(x0.shape, generator=g).to(dev)
+            x = (1 - nxt.t) * x0 + nxt.t * (mix * eps + math.sqrt(1 - mix * mix) * z)
+    return x
+
+
+def distill_iteration(
+    base: SharedBase,
+    make_denoiser: Callable[[], torch.nn.Module],
+    plan: StagePlan,
+    cond: Conditioning,
+    uncond: Conditioning,
+    cfg: MethodConfig,
+    iteration: int,
+    seed: int,
+    opt_generator: torch.optim.Optimizer,
+    opt_fake: torch.optim.Optimizer,
+    stage_loss_weight: Optional[Sequence[float]] = None,
+    grad_clip: float = 1.0,
+) -> StepLosses:
+    """One generator update and ``cfg.fake_updates`` fake-score updates (Algorithm 1)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(rng.randrange(2**63))
+    den = make_denoiser()  # the adapter over base.model; its behaviour follows base's active role
+    b = len(cond)
+    dev = cond.embeds.device  # random draws come from the CPU generator ``g`` and are moved here
+    stage, step = pick_stage_and_step(plan, cfg, iteration, rng)
+    s = plan.steps[step]
+    # matching resolution in latent units (plan sizes are pixels; they differ for VAE backbones)
+    target = tuple(den.latent_shape(plan.teacher_size if cfg.cross_resolution else s.size)[-2:])
+    w_k = 1.0 if stage_loss_weight is None else float(stage_loss_weight[stage])
+
+    def generate() -> tuple[torch.Tensor, torch.Tensor]:
+        base.role("generator")
+        x = simulate(den, plan, cond, step, cfg, g, den.latent_shape)
+        return den(x, torch.full((b,), s.t, device=dev), cond)
+
+    def lift(x0: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x0.shape[-2:] == tuple(target):
+            return x0, eps
+        return upsample(x0, target, cfg.upsample), upsample_noise(eps, target, cfg.upsample)
+
+    # --- generator update (Eqs. 4-8) ---
+    x0_hat, eps_hat = generate()
+    X, E = lift(x0_hat, eps_hat.detach())
+    tau = draw_tau(plan, cfg, stage, step, b, g).to(dev)
+    z = torch.randn(X.shape, generator=g).to(dev)
+    gamma = cfg.gamma if cfg.cross_resolution and X.shape != x0_hat.shape else 0.0
+    noise = gamma * E + math.sqrt(1 - gamma * gamma) * z
+    tb = tau.view(-1, *([1] * (X.dim() - 1)))
+    x_tau = ((1 - tb) * X + tb * noise).detach()
+    with torch.no_grad():
+        with base.as_role("teacher"):
+            x0_real, _ = CFGDenoiser(den, uncond, cfg.guidance_scale)(x_tau, tau, cond)
+        with base.as_role("fake"):
+            x0_fake, _ = den(x_tau, tau, cond)
+    direction = dm_direction(X.detach(), x0_fake, x0_real, cfg.min_divisor)
+    loss_g = (w_k * dm_generator_loss(X, direction, cfg.huber_c)).mean()
+    opt_generator.zero_grad(set_to_none=True)
+    base.backward(loss_g, "generator")
+    torch.nn.utils.clip_grad_norm_(base.parameters("generator"), grad_clip)
+    opt_generator.step()
+
+    # --- fake-score updates (Eq. 9) ---
+    fake_losses = []
+    X_fake = X.detach()
+    for j in range(cfg.fake_updates):
+        if j > 0:  # later updates see fresh generator samples, as in DMD2
+            with torch.no_grad():
+                x0_new, eps_new = generate()
+            X_fake, _ = lift(x0_new, eps_new)
+        tau_f = draw_tau(plan, cfg, stage, step, b, g).to(dev)
+        tf = tau_f.view(-1, *([1] * (X_fake.dim() - 1)))
+        x_t = (1 - tf) * X_fake + tf * torch.randn(X_fake.shape, generator=g).to(dev)
+        base.role("fake")
+        x0_pred, _ = den(x_t, tau_f, cond)
+        loss_f = fake_score_loss(x0_pred, X_fake, tau_f, cfg.snr_clip).mean()
+        opt_fake.zero_grad(set_to_none=True)
+        base.backward(loss_f, "fake")
+        torch.nn.utils.clip_grad_norm_(base.parameters("fake"), grad_clip)
+        opt_fake.step()
+        fake_losses.append(loss_f.item())
+    base.role("generator")
+    return StepLosses(loss_g.item(), sum(fake_losses) / len(fake_losses), stage, step,
+                      float(direction.flatten(1).norm(dim=1).mean()))

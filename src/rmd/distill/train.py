@@ -1,0 +1,708 @@
+"""The distillation trainer: the loop around :func:`rmd.distill.algorithm.distill_iteration`.
+
+One code path from one CPU process to many GPUs (``accelerate launch``). Per iteration
+(Algorithm 1): draw prompts, encode them once without gradients, run one generator update
+and ``fake_updates`` fake-score updates, log, and now and then write a sample grid and a
+checkpoint. At the end the generator is exported as a LoRA (diffusers layout) and as a
+full model with the LoRA merged.
+
+Run folder::
+
+    DIR/config.yaml      the resolved RunConfig (``rmd distill --config DIR/config.yaml`` re-runs it)
+    DIR/run.json         config, stage plan, method settings, world size, status, exports
+    DIR/metrics.jsonl    one JSON line per iteration (rank 0): step, loss_generator, loss_fake, ...
+    DIR/tensorboard/     scalars and sample grids
+    DIR/samples/         step-XXXXXXXX.png sample grids
+    DIR/checkpoints/step-XXXXXXXX/   LoRA of both roles, optimiser states, config, state.json
+    DIR/export/generator_lora/pytorch_lora_weights.safetensors   (diffusers ``load_lora_adapter``)
+    DIR/export/generator_full/       the merged generator (toy: a folder ``load_teacher`` reads)
+
+Determinism and exact resume: iteration ``i`` on rank ``r`` draws everything (prompts,
+stage, step, noise, and the global torch seed) from ``(seed, i, r)`` alone, so an
+iteration is a pure function of (weights, optimiser state, i). A checkpoint therefore
+needs no RNG state: weights + optimiser states + i reproduce the run bit for bit on CPU.
+
+Launching: one process is ``rmd distill ...``; several are
+``accelerate launch --multi_gpu --num_processes N -m rmd.cli distill ...`` on GPUs, or
+``torchrun --nproc_per_node N -m rmd.cli distill ...`` for CPU processes (gloo). (Beware:
+``accelerate launch --cpu --num_processes 2`` silently starts ONE process unless MPI is set up.)
+``batch_size`` is per process. Mixed precision (``bf16``) is the run config's, via
+``torch.autocast``; fp16 is not offered because the updates have no loss scaling.
+
+Multi-process: why gradients are all-reduced by hand, not by DDP. One base network
+plays three roles (teacher = adapters off, generator, fake score). An iteration runs
+several forwards under different roles (no-grad simulation, teacher, fake) and then two
+or more backward passes that each reach only one role's LoRA, all through the denoiser
+adapter calling the *inner* model. DDP ties its gradient hooks to forwards of its
+wrapper and expects every trainable parameter to get a gradient in each backward (else
+``find_unused_parameters``, one graph walk per forward); bending it to role switching
+(and to gradient checkpointing, which recomputes forwards) is fragile. So the model is
+not wrapped: :class:`SyncedSharedBase` averages the active role's LoRA gradients over
+processes right after each backward (one flat all-reduce), before clipping and the
+optimiser step -- what DDP would do. All ranks start from rank 0's LoRA weights, so they
+stay identical; every checkpoint verifies it (a hash per rank) and fails loudly otherwise.
+FSDP / DeepSpeed shard the base weights, which role switching on a shared base does not
+support yet: refused with a message.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ..denoisers import CFGDenoiser, Conditioning, Denoiser, SizeError, from_model
+from ..plan import PlanError
+from .algorithm import MethodConfig, distill_iteration
+from .config import RunConfig, config_differences, load_run_config, write_config
+from .roles import SharedBase
+
+CHECKPOINTS = "checkpoints"
+CHECKPOINT_FILES = ("generator.safetensors", "fake.safetensors", "optimizer.pt", "config.yaml", "state.json")
+_CKPT_NAME = re.compile(r"^step-(\d{8})$")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
+
+
+def _user_error(msg: str) -> Exception:
+    from ..cli import UserError
+
+    return UserError(msg)
+
+
+# --- backbones ------------------------------------------------------------------------------
+
+
+@dataclass
+class Backbone:
+    """What the trainer needs from a model family.
+
+    ``model`` is the frozen teacher network the LoRA adapters go on; ``make_denoiser``
+    wraps it in its ``rmd.denoisers`` adapter (normally :func:`rmd.denoisers.from_model`);
+    ``encode`` turns prompts into a :class:`Conditioning` (no gradients); ``train_prompts``
+    draws a batch of training prompts from an rng; ``decode`` maps latents to images in
+    [-1, 1] (None: pixel space); ``save_full`` writes a merged model folder; ``save_lora``
+    writes a LoRA state dict (+ peft metadata) in the family's diffusers layout, whose keys
+    carry ``lora_prefix``.
+    """
+
+    name: str
+    model: nn.Module
+    make_denoiser: Callable[[], Denoiser]
+    encode: Callable[[Sequence[str]], Conditioning]
+    train_prompts: Callable[[int, random.Random], list[str]]
+    sample_prompts: Callable[[int], list[str]]
+    save_full: Callable[[nn.Module, str], None]
+    save_lora: Callable[[dict[str, torch.Tensor], dict, str], None]
+    lora_prefix: str
+    decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    extra_modules: list[nn.Module] = field(default_factory=list)  # moved to the device with the model
+
+    def to(self, device: torch.device) -> "Backbone":
+        self.model.to(device)
+        for m in self.extra_modules:
+            m.to(device)
+        return self
+
+
+def _toy_backbone(cfg: RunConfig) -> Backbone:
+    """The toy SD3-class teacher (pixel space) and its CLIP-style text tower."""
+    from diffusers.loaders import SD3LoraLoaderMixin
+
+    from ..toy.teacher import load_teacher, save_teacher
+    from ..toy.world import prompt_for, sample_scenes
+
+    try:
+        teacher = load_teacher(cfg.teacher)
+    except FileNotFoundError as e:
+        raise _user_error(str(e)) from None
+    model = teacher.transformer
+
+    def train_prompts(n: int, rng: random.Random) -> list[str]:
+        scenes = sample_scenes(n, rng.randrange(2**31), split="train")
+        return [prompt_for(s, rng.randrange(2**31)) for s in scenes]
+
+    def sample_prompts(n: int) -> list[str]:
+        # fixed across the run (and across runs): grids at different steps are comparable
+        return [prompt_for(s, i) for i, s in enumerate(sample_scenes(n, 20240607, split="train"))]
+
+    def save_lora(state: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
+        SD3LoraLoaderMixin.save_lora_weights(path, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
+                                             transformer_lora_adapter_metadata=metadata)
+
+    return Backbone(
+        name="toy",
+        model=model,
+        make_denoiser=lambda: from_model(model, vae_scale_factor=1),
+        encode=teacher.text.encode,  # batched, under torch.no_grad
+        train_prompts=train_prompts,
+        sample_prompts=sample_prompts,
+        save_full=lambda merged, path: save_teacher(path, merged, teacher.text, teacher.config),
+        save_lora=save_lora,
+        lora_prefix="transformer",
+        extra_modules=[teacher.text.model],
+    )
+
+
+# Other families plug in here: a loader that returns a Backbone around
+# rmd.denoisers.from_model(model, scheduler_config, vae_scale_factor=...), their text encoders
+# and VAE decode, and their diffusers LoRA mixin (e.g. StableDiffusionXLLoraLoaderMixin, "unet").
+BACKBONES: dict[str, Callable[[RunConfig], Backbone]] = {"toy": _toy_backbone}
+
+
+def build_backbone(cfg: RunConfig) -> Backbone:
+    if cfg.backbone not in BACKBONES:
+        raise _user_error(
+            f"distillation of backbone {cfg.backbone!r} is not wired up yet (available: {sorted(BACKBONES)}); "
+            "register a loader in rmd.distill.train.BACKBONES that builds a Backbone around rmd.denoisers.from_model"
+        )
+    return BACKBONES[cfg.backbone](cfg)
+
+
+# --- the shared base, synchronised over processes ------------------------------------------
+
+
+class SyncedSharedBase(SharedBase):
+    """:class:`SharedBase` whose :meth:`backward` averages the role's LoRA gradients over processes.
+
+    This is DDP's gradient averaging done by hand, once per backward (see the module
+    docstring for why the model is not wrapped in DDP). With one process it is SharedBase.
+    """
+
+    def backward(self, loss: torch.Tensor, role: str) -> None:
+        super().backward(loss, role)
+        all_reduce_mean_grads(self.parameters(role))
+
+
+def _world() -> int:
+    dist = torch.distributed
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_mean_grads(params: Sequence[nn.Parameter]) -> None:
+    """Average ``p.grad`` over processes, in one flat all-reduce (missing grads count as zero)."""
+    world = _world()
+    if world == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).float() for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset: offset + n].view_as(p).to(p.dtype).clone()
+        offset += n
+
+
+def broadcast_params(params: Sequence[nn.Parameter], src: int = 0) -> None:
+    """Copy rank ``src``'s values into every rank (start identical, stay identical)."""
+    if _world() == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            torch.distributed.broadcast(p.data, src=src)
+
+
+@dataclass
+class Student:
+    """The backbone with its two LoRA roles; ``denoiser()`` follows the active role."""
+
+    cfg: RunConfig
+    backbone: Backbone
+    base: SharedBase
+
+    def denoiser(self) -> Denoiser:
+        return self.backbone.make_denoiser()
+
+    def lora_params(self) -> list[nn.Parameter]:
+        return self.base.parameters("generator") + self.base.parameters("fake")
+
+
+def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced: bool = True) -> Student:
+    """Teacher network + generator and fake LoRA adapters (B = 0: both start as the teacher)."""
+    backbone = build_backbone(cfg)
+    cls = SyncedSharedBase if synced else SharedBase
+    with warnings.catch_warnings():  # peft warns when a second adapter is added: two adapters are the design
+        warnings.filterwarnings("ignore", message=".*multiple adapters.*")
+        base = cls(backbone.model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, targets=cfg.lora_targets,
+                   init_seed=cfg.seed)
+    if cfg.gradient_checkpointing:
+        backbone.model.enable_gradient_checkpointing()  # safe: SharedBase.backward restores the graph's role
+    if device is not None:
+        backbone.to(device)
+    den = backbone.make_denoiser()
+    for size in dict.fromkeys(s.size for s in cfg.plan().steps):
+        try:
+            den.check_size(size, cfg.frames)
+        except SizeError as e:
+            raise PlanError(f"schedule resolution {size}: {e}") from None
+    return Student(cfg, backbone, base)
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def complete_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every complete checkpoint, oldest first.
+
+    Complete = a ``step-XXXXXXXX`` folder (temp folders have other names and are never
+    considered) with every file present and a readable ``state.json`` naming the same step.
+    """
+    root = os.path.join(run_dir, CHECKPOINTS)
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = _CKPT_NAME.match(name)
+        path = os.path.join(root, name)
+        if not m or not all(os.path.isfile(os.path.join(path, f)) for f in CHECKPOINT_FILES):
+            continue
+        try:
+            with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+                if json.load(f).get("step") != int(m.group(1)):
+                    continue
+        except (OSError, ValueError):
+            continue
+        found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
+    found = complete_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def _remove_tree(path: str) -> None:
+    """Delete a folder so that no reader ever sees it half-deleted: rename it away first."""
+    if not os.path.exists(path):
+        return
+    trash = os.path.join(os.path.dirname(path), f".trash-{os.path.basename(path)}-{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _replace_dir(tmp: str, final: str) -> None:
+    """Atomically swap a finished temp folder in (``os.replace`` refuses non-empty targets)."""
+    _remove_tree(final)
+    os.replace(tmp, final)
+
+
+def _lora_state(base: SharedBase, role: str) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in base.adapter_state(role).items()}
+
+
+def lora_checksum(params: Sequence[nn.Parameter]) -> str:
+    """sha256 of the parameters' bytes: equal iff bit-identical."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.optim.Optimizer,
+                    opt_f: torch.optim.Optimizer, extra: dict[str, Any]) -> str:
+    """Write ``checkpoints/step-XXXXXXXX`` atomically: into a temp folder, then ``os.replace``."""
+    from safetensors.torch import save_file
+
+    root = os.path.join(run_dir, CHECKPOINTS)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, checkpoint_name(step))
+    tmp = os.path.join(root, f".tmp-{checkpoint_name(step)}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for role in ("generator", "fake"):
+        save_file(_lora_state(student.base, role), os.path.join(tmp, f"{role}.safetensors"), metadata={"format": "pt"})
+    torch.save({"generator": opt_g.state_dict(), "fake": opt_f.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+    write_config(student.cfg, os.path.join(tmp, "config.yaml"))
+    state = {"step": step, "rng": "none needed: iteration i on rank r draws only from (seed, i, r)", **extra}
+    with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:  # written last
+        json.dump(state, f, indent=1)
+    _replace_dir(tmp, final)
+    return final
+
+
+def prune_checkpoints(run_dir: str, keep_last: int) -> None:
+    for _, path in complete_checkpoints(run_dir)[:-keep_last]:
+        _remove_tree(path)
+
+
+def load_lora_weights(base: SharedBase, role: str, path: str, prefix: Optional[str] = None) -> None:
+    """Load a LoRA safetensors file (checkpoint or export layout) into ``role``; unknown keys are an error."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    device = next(p.device for p in base.parameters(role))
+    state = load_file(path, device=str(device))
+    if prefix:
+        state = {k[len(prefix) + 1:] if k.startswith(prefix + ".") else k: v for k, v in state.items()}
+    expected = set(base.adapter_state(role))
+    if set(state) != expected:
+        missing, unexpected = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise _user_error(f"{path} does not fit this model's {role} LoRA (missing {missing}, unexpected {unexpected}); "
+                          "was it written with another lora_rank / lora_targets?")
+    set_peft_model_state_dict(base.model, state, adapter_name=role)
+    base.role(base.current)  # set_peft_model_state_dict may touch requires_grad; restore the invariant
+
+
+def load_checkpoint(path: str, student: Student, opt_g: Optional[torch.optim.Optimizer] = None,
+                    opt_f: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+    """Restore both roles' LoRA weights (and the optimiser states, if given); returns state.json."""
+    for role in ("generator", "fake"):
+        load_lora_weights(student.base, role, os.path.join(path, f"{role}.safetensors"))
+    if opt_g is not None and opt_f is not None:
+        device = next(p.device for p in student.base.parameters("generator"))
+        opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
+        opt_g.load_state_dict(opt["generator"])
+        opt_f.load_state_dict(opt["fake"])
+    with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+# --- exports --------------------------------------------------------------------------------
+
+
+def merged_copy(base: SharedBase, role: str = "generator") -> nn.Module:
+    """A standalone copy of the base network with ``role``'s LoRA merged in (W + (alpha / r) B A).
+
+    Works on a deep copy, so the live model keeps both adapters and the run can continue.
+    """
+    prev = base.current
+    base.role(role)  # copy with the role active, so the copy's adapter state is the role's
+    try:
+        model = copy.deepcopy(base.model)
+    finally:
+        base.role(prev)
+    others = [name for name in model.peft_config if name != role]
+    if others:
+        model.delete_adapters(others)
+    model.fuse_lora(adapter_names=[role])
+    model.unload_lora()
+    return model.requires_grad_(False).eval()
+
+
+def export_generator(run_dir: str, student: Student) -> dict[str, str]:
+    """Write the generator as a diffusers-layout LoRA and as a merged full model (each atomically)."""
+    root = os.path.join(run_dir, "export")
+    os.makedirs(root, exist_ok=True)
+    paths = {"lora": os.path.join(root, "generator_lora"), "full": os.path.join(root, "generator_full")}
+    bb = student.backbone
+
+    tmp = os.path.join(root, f".tmp-generator_lora-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    meta = student.base.model.peft_config["generator"].to_dict()
+    bb.save_lora(_lora_state(student.base, "generator"), meta, tmp)
+    _replace_dir(tmp, paths["lora"])
+
+    tmp = os.path.join(root, f".tmp-generator_full-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged = merged_copy(student.base, "generator").to("cpu")
+    bb.save_full(merged, tmp)
+    del merged
+    _replace_dir(tmp, paths["full"])
+    return paths
+
+
+# --- sampling grids -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sample_images(student: Student, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
+    """The generator's cascade (Algorithm 2) with the run's sampling settings; images in [-1, 1]."""
+    from ..sampler import sample
+
+    cfg, bb = student.cfg, student.backbone
+    with student.base.as_role("generator"):
+        den: Any = student.denoiser()
+        cond = bb.encode(list(prompts))
+        if cfg.sampling.guidance_scale != 1.0:
+            den = CFGDenoiser(den, bb.encode([""]), cfg.sampling.guidance_scale)
+        out = sample(den, cfg.plan(), cond, list(seeds), eta=cfg.sampling.eta, gamma=cfg.sampling.gamma,
+                     upsample_mode=cfg.sampling.upsample, num_frames=cfg.frames, decode=bb.decode)
+    return out.float().cpu()
+
+
+def image_grid(images: torch.Tensor, nrow: int = 4, pad: int = 2):
+    """(B, 3, H, W) in [-1, 1] -> a PIL image, ``nrow`` images per row."""
+    from PIL import Image
+
+    imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    b, _, h, w = imgs.shape
+    if b == 1:
+        return Image.fromarray(imgs[0].permute(1, 2, 0).numpy())
+    cols = min(nrow, b)
+    rows = math.ceil(b / cols)
+    canvas = torch.full((3, rows * (h + pad) + pad, cols * (w + pad) + pad), 255, dtype=torch.uint8)
+    for i in range(b):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        canvas[:, y: y + h, x: x + w] = imgs[i]
+    return Image.fromarray(canvas.permute(1, 2, 0).numpy())
+
+
+# --- the loop -------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out_dir: str
+    start_step: int
+    final_step: int
+    metrics: list[dict[str, Any]]  # the lines written by this call (rank 0; empty elsewhere)
+    exports: dict[str, str]
+
+
+def iteration_rng(seed: int, iteration: int, rank: int) -> random.Random:
+    """Everything iteration ``iteration`` draws on ``rank`` comes from here (string seeds hash stably)."""
+    return random.Random(f"rmd-distill/{seed}/{iteration}/{rank}")
+
+
+def _truncate_metrics(path: str, last_step: int) -> None:
+    """Keep the lines of steps <= ``last_step`` (a crashed run may have logged past its checkpoint)."""
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= last_step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue  # a half-written last line
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _run_info(cfg: RunConfig, world: int, status: str, step: int, exports: Optional[dict] = None) -> dict:
+    import accelerate
+    import diffusers
+    import peft
+
+    return {
+        "status": status,
+        "step": step,
+        "config": cfg.to_dict(),
+        "method": cfg.method,
+        "method_config": cfg.method_config.model_dump(mode="json"),
+        "plan": cfg.plan().to_dict(),
+        "world_size": world,
+        "exports": exports or {},
+        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+                     "accelerate": accelerate.__version__},
+    }
+
+
+def _decide_start(out: str, cfg: RunConfig, resume: bool) -> tuple[int, Optional[str], Optional[str]]:
+    """(start step, checkpoint path, error message) -- decided on rank 0, broadcast to all."""
+    latest = latest_checkpoint(out)
+    has_run = latest is not None or os.path.exists(os.path.join(out, "metrics.jsonl"))
+    if not resume:
+        if has_run:
+            return 0, None, (f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+        return 0, None, None
+    if latest is None:
+        return 0, None, None  # nothing to resume: start from step 0
+    step, path = latest
+    old = load_run_config(os.path.join(path, "config.yaml"))
+    diff = config_differences(old, cfg)
+    if diff:
+        return 0, None, (f"cannot resume {out}: the config differs from its checkpoint in {diff}; only "
+                         "max_steps, checkpoint_every, keep_last, sample_every and num_sample_images may change")
+    if step > cfg.max_steps:
+        return 0, None, f"cannot resume {out}: its checkpoint is at step {step}, beyond --max-steps {cfg.max_steps}"
+    return step, path, None
+
+
+def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
+          on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> TrainResult:
+    """Run (or resume) a distillation into ``out_dir``; see the module docstring for the folder layout.
+
+    ``on_step(metrics)`` is called on every rank after each iteration (tests use it to
+    simulate a crash). Launch several processes with ``accelerate launch`` / ``torchrun``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, broadcast_object_list, gather_object
+    from tqdm.auto import tqdm
+
+    # accelerate only forms a multi-process group without a GPU when told cpu=True (gloo); with a
+    # GPU, or in one process, it picks the device itself
+    multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # Mixed precision comes from the run config (torch.autocast below), not from accelerate's process-wide
+    # state, which cannot change within a process and would make the config a partial truth.
+    acc = Accelerator(cpu=multi and not torch.cuda.is_available())
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        raise _user_error(f"distributed type {acc.distributed_type} is not supported: one shared base network in three "
+                          "roles needs unsharded weights; use plain multi-process (DDP-style) launching")
+    rank, world, is_main = acc.process_index, acc.num_processes, acc.is_main_process
+    out = os.path.abspath(out_dir)
+    metrics_path = os.path.join(out, "metrics.jsonl")
+
+    decision: list[Any] = [None]
+    if is_main:
+        try:
+            decision[0] = _decide_start(out, cfg, resume)
+        except (PlanError, OSError) as e:  # e.g. an unreadable checkpoint config: every rank must hear of it
+            decision[0] = (0, None, f"cannot resume {out}: {e}")
+    if world > 1:
+        broadcast_object_list(decision, from_process=0)
+    start, ckpt_path, error = decision[0]
+    if error:
+        raise _user_error(error)
+
+    if is_main:
+        os.makedirs(out, exist_ok=True)
+        for root in (os.path.join(out, CHECKPOINTS), os.path.join(out, "export")):
+            for name in os.listdir(root) if os.path.isdir(root) else []:
+                if name.startswith((".tmp-", ".trash-")):  # left by an interrupted write: never loaded
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        write_config(cfg, os.path.join(out, "config.yaml"))
+        _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "running", start))
+        _truncate_metrics(metrics_path, start)
+    acc.wait_for_everyone()
+
+    student = build_student(cfg, acc.device)
+    base, bb = student.base, student.backbone
+    plan, method = cfg.plan(), MethodConfig(**cfg.method_config.model_dump())
+    opt_g = torch.optim.AdamW(base.parameters("generator"), lr=cfg.generator_lr, betas=cfg.adam_betas,
+                              weight_decay=cfg.weight_decay)
+    opt_f = torch.optim.AdamW(base.parameters("fake"), lr=cfg.fake_lr, betas=cfg.adam_betas,
+                              weight_decay=cfg.weight_decay)
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path, student, opt_g, opt_f)
+    else:
+        broadcast_params(student.lora_params())
+    uncond = bb.encode([""])
+
+    writer = None
+    metrics_file = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=start + 1 if start else None)
+        metrics_file = open(metrics_path, "a", encoding="utf-8")
+    sample_prompts = bb.sample_prompts(cfg.num_sample_images)
+    logged: list[dict[str, Any]] = []
+    bar = tqdm(total=cfg.max_steps, initial=start, desc=f"distill {cfg.method}", disable=not (progress and is_main),
+               dynamic_ncols=True)
+    try:
+        for it in range(start, cfg.max_steps):
+            t0 = time.perf_counter()
+            rng = iteration_rng(cfg.seed, it, rank)
+            torch.manual_seed(rng.randrange(2**63))  # anything drawing from the global RNG is seeded too
+            prompts = bb.train_prompts(cfg.batch_size, rng)
+            cond = bb.encode(prompts)  # once per batch, no gradients
+            with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                res = distill_iteration(base, bb.make_denoiser, plan, cond, uncond, method, it, rng.randrange(2**63),
+                                        opt_g, opt_f, cfg.stage_loss_weights, cfg.grad_clip)
+            step = it + 1
+            local = torch.tensor([[res.loss_generator, res.loss_fake, res.dm_norm]], dtype=torch.float64,
+                                 device=acc.device)
+            every = acc.gather(local).cpu() if world > 1 else local.cpu()  # (world, 3)
+            mean = every.mean(0).tolist()
+            line: dict[str, Any] = {
+                "step": step, "loss_generator": mean[0], "loss_fake": mean[1], "stage": res.stage,
+                "step_index": res.step, "dm_norm": mean[2], "lr": opt_g.param_groups[0]["lr"],
+                "lr_fake": opt_f.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4),
+            }
+            if world > 1:  # losses above are rank means; stage / step_index are rank 0's draw
+                line["loss_generator_per_rank"] = every[:, 0].tolist()
+                line["loss_fake_per_rank"] = every[:, 1].tolist()
+            if is_main:
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+                for key in ("loss_generator", "loss_fake", "dm_norm", "stage", "step_index", "lr", "seconds"):
+                    writer.add_scalar(f"train/{key}", line[key], step)
+                bar.set_postfix(loss_g=f"{line['loss_generator']:.4g}", loss_f=f"{line['loss_fake']:.4g}",
+                                stage=res.stage + 1, refresh=False)
+                bar.update(1)
+                logged.append(line)
+                if cfg.sample_every and step % cfg.sample_every == 0:
+                    _write_samples(out, student, sample_prompts, step, writer)
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                sums = gather_object([lora_checksum(student.lora_params())]) if world > 1 else \
+                    [lora_checksum(student.lora_params())]
+                if len(set(sums)) > 1:
+                    raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
+                if is_main:
+                    save_checkpoint(out, step, student, opt_g, opt_f,
+                                    {"world_size": world, "rank_checksums": sums, "metrics": line})
+                    prune_checkpoints(out, cfg.keep_last)
+                acc.wait_for_everyone()
+            if on_step is not None:
+                on_step(line)
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            metrics_file.close()
+        if writer is not None:
+            writer.close()
+
+    final = max(start, cfg.max_steps)
+    exports: dict[str, str] = {}
+    if is_main:
+        exports = export_generator(out, student)
+        _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "finished", final, exports))
+    acc.wait_for_everyone()
+    return TrainResult(out, start, final, logged, exports)
+
+
+def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int, writer: Any) -> None:
+    images = sample_images(student, prompts, seeds=range(len(prompts)))
+    os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+    path = os.path.join(out, "samples", f"{checkpoint_name(step)}.png")
+    image_grid(images).save(path + ".tmp.png")
+    os.replace(path + ".tmp.png", path)
+    if writer is not None:
+        writer.add_images("samples", (images.clamp(-1, 1) + 1) / 2, step)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+
+def run_distill_command(args: Any) -> None:
+    """``rmd distill --recipe NAME|--config FILE --out DIR [--max-steps N] [--checkpoint-every K] [--resume]``."""
+    if args.recipe and args.config:
+        raise _user_error("give --recipe or --config, not both")
+    source = args.config or args.recipe
+    if source is None:
+        own = os.path.join(args.out, "config.yaml")
+        if not (args.resume and os.path.isfile(own)):
+            raise _user_error("give --recipe NAME (see `rmd recipes`) or --config FILE "
+                              "(or --resume on a run folder that has a config.yaml)")
+        source = own
+    if args.config and not os.path.isfile(args.config):
+        raise _user_error(f"--config {args.config!r}: no such file")
+    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
+                                   ("teacher", args.teacher)) if v is not None}
+    cfg = load_run_config(source, **overrides)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    if result.metrics:
+        last = result.metrics[-1]
+        print(f"distilled {cfg.method} steps {result.start_step}..{result.final_step}: loss_generator "
+              f"{last['loss_generator']:.4g}, loss_fake {last['loss_fake']:.4g}; run folder {result.out_dir}")
+    elif result.exports:
+        print(f"nothing left to do (step {result.final_step}); exports refreshed in {result.out_dir}/export")
