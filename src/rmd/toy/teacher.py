@@ -54,7 +54,7 @@ class TeacherConfig(BaseModel):
     num_attention_heads: int = 4
     text_width: int = 64
     text_layers: int = 2
-    steps: int = Field(3000, ge=1)
+    steps: int = Field(2400, ge=1)
     batch_size: int = Field(48, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(200, ge=0)

@@ -96,7 +96,15 @@ def build_text_encoder(tokenizer: ToyTokenizer, width: int = 64, layers: int = 2
         eos_token_id=tokenizer.eos_id,
     )
     torch.manual_seed(seed)
-    return CLIPTextModelWithProjection(config)
+    model = CLIPTextModelWithProjection(config)
+    # CLIP initialises word embeddings with std 0.02, the same as its position embeddings:
+    # trained from scratch jointly with the denoiser, the words then stay nearly
+    # indistinguishable ("left" vs "right" differed by 1% of the state's scale after 1250
+    # steps) and the denoiser never learns to use them. Unit-scale word vectors make every
+    # word distinct from the first step.
+    with torch.no_grad():
+        model.text_model.embeddings.token_embedding.weight.normal_(0.0, 1.0)
+    return model
 
 
 @dataclass
