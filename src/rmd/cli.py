@@ -69,6 +69,14 @@ def _cmd_toy_train_teacher(args: argparse.Namespace) -> None:
           f"final loss {record['loss_curve'][-1]['loss']:.4f}; model written to {args.out}")
 
 
+def _cmd_toy_train_evaluator(args: argparse.Namespace) -> None:
+    from .toy.evaluator import EvaluatorConfig, train_evaluator
+
+    overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
+    record = train_evaluator(EvaluatorConfig(**overrides), args.out, command=" ".join(["rmd"] + sys.argv[1:]))
+    print(f"evaluator written to {args.out}")
+
+
 def _cmd_toy_eval(args: argparse.Namespace) -> None:
     from .toy.evaluate import run_eval_command
 
@@ -139,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup", type=int)
     t.set_defaults(func=_cmd_toy_train_teacher)
+
+    te = toy_sub.add_parser("train-evaluator", help="train the toy evaluator (attribute read-back network)")
+    te.add_argument("--out", required=True)
+    te.add_argument("--steps", type=int)
+    te.add_argument("--seed", type=int)
+    te.set_defaults(func=_cmd_toy_train_evaluator)
 
     e = toy_sub.add_parser("eval", help="evaluate the standard rows (real, teacher, teacher-low) with the toy evaluator")
     e.add_argument("--num-images", type=int, default=256)
