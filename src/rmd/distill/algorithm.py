@@ -19,7 +19,6 @@ a pure function of (weights, optimiser state, iteration seed): resume is exact.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Literal, Optional, Sequence
@@ -29,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ..denoisers import CFGDenoiser, Conditioning
 from ..plan import StagePlan
-from ..upsample import upsample, upsample_noise
+from ..schedules import marginal_std
+from ..upsample import renoise, upsample, upsample_noise
 from .losses import dm_direction, dm_generator_loss, fake_score_loss
 from .roles import SharedBase
 
@@ -107,7 +107,7 @@ def simulate(generator, plan: StagePlan, cond: Conditioning, upto: int, cfg: Met
     dev = cond.embeds.device  # draws stay on the CPU generator (same stream on any device), then move
     first = plan.steps[0]
     x = torch.randn((b,) + tuple(latent_shape(first.size)), generator=g).to(dev)
-    x = x * math.sqrt((1 - first.t) ** 2 + first.t ** 2)
+    x = x * marginal_std(first.t)
     with torch.no_grad():
         for i in range(upto):
             s, nxt = plan.steps[i], plan.steps[i + 1]
@@ -121,7 +121,7 @@ def simulate(generator, plan: StagePlan, cond: Conditioning, upto: int, cfg: Met
             else:
                 mix = cfg.eta
             z = torch.randn(x0.shape, generator=g).to(dev)
-            x = (1 - nxt.t) * x0 + nxt.t * (mix * eps + math.sqrt(1 - mix * mix) * z)
+            x = renoise(x0, eps, nxt.t, mix, z)
     return x
 
 
@@ -167,9 +167,7 @@ def distill_iteration(
     tau = draw_tau(plan, cfg, stage, step, b, g).to(dev)
     z = torch.randn(X.shape, generator=g).to(dev)
     gamma = cfg.gamma if cfg.cross_resolution and X.shape != x0_hat.shape else 0.0
-    noise = gamma * E + math.sqrt(1 - gamma * gamma) * z
-    tb = tau.view(-1, *([1] * (X.dim() - 1)))
-    x_tau = ((1 - tb) * X + tb * noise).detach()
+    x_tau = renoise(X, E, tau, gamma, z).detach()  # Eq. 4 with the Eq. 10 noise mix
     with torch.no_grad():
         with base.as_role("teacher"):
             x0_real, _ = CFGDenoiser(den, uncond, cfg.guidance_scale)(x_tau, tau, cond)
