@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -95,6 +96,21 @@ def _cmd_sample(args: argparse.Namespace) -> None:
     run_sample_command(args)
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo_command
+
+    run_demo_command(args)
+
+
+def _cmd_ship_student(args: argparse.Namespace) -> None:
+    from .demo import ship_student
+
+    if not os.path.isfile(os.path.join(args.run, "export", "generator_lora", "pytorch_lora_weights.safetensors")):
+        raise UserError(f"{args.run} has no exported generator; give a finished `rmd distill` run folder")
+    dest = ship_student(args.run, args.name, command=args.command_line or f"rmd distill --out {args.run}")
+    print(f"shipped {args.run} as {dest}")
+
+
 def _add_distill_parsers(sub) -> None:
     d = sub.add_parser("distill", help="distil a teacher into a few-step cascaded generator (RMD, DMD2, TDM, naive)")
     d.add_argument("--recipe", help="a built-in recipe with a distill section (see `rmd recipes`), e.g. toy-rmd")
@@ -166,6 +182,26 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_toy_eval)
 
     _add_distill_parsers(sub)
+
+    dm = sub.add_parser("demo", help="distil the toy teacher with RMD 2+2 and compare it with DMD2, the naive "
+                                     "cascade and the teacher (report.json, report.md, plot)")
+    dm.add_argument("--out", default="rmd-demo", help="output folder (default: ./rmd-demo)")
+    dm.add_argument("--num-images", type=int, default=128, help="evaluation images per method")
+    dm.add_argument("--seed", type=int, default=0, help="evaluation set seed")
+    dm.add_argument("--max-steps", type=int, default=None, help="generator updates (default: the recipe's)")
+    dm.add_argument("--train-baselines", action="store_true",
+                    help="train the DMD2 and naive baselines here instead of using the shipped ones (slow)")
+    dm.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    dm.add_argument("--timing-batch", type=int, default=32, help="images per method and timing round")
+    dm.add_argument("--quiet", action="store_true", help="no progress bars")
+    dm.set_defaults(func=_cmd_demo)
+
+    ss = toy_sub.add_parser("ship-student", help="(maintainers) copy a finished toy run into the package as a "
+                                                 "shipped demo baseline")
+    ss.add_argument("--run", required=True)
+    ss.add_argument("--name", required=True, choices=["dmd2", "naive"])
+    ss.add_argument("--command-line", default=None, help="the command that trained the run (for the record)")
+    ss.set_defaults(func=_cmd_ship_student)
     return p
 
 

@@ -1,0 +1,385 @@
+"""``rmd demo``: distil the shipped toy teacher with RMD 2+2 and compare it, in one run, with its neighbours.
+
+What one run does (all on the CPU, all measured in this process):
+
+1. distils the toy teacher with the ``toy-rmd`` recipe into ``DIR/rmd`` (a normal
+   ``rmd distill`` run folder; a second ``rmd demo`` on the same folder resumes or
+   reuses it);
+2. loads the baselines: the 4-step full-resolution DMD2 student and the naive cascade,
+   either shipped in the package (trained with the same generator updates and batch
+   size, with their recipe and training record) or, with ``--train-baselines``,
+   trained here into ``DIR/dmd2`` and ``DIR/naive``;
+3. scores every method and the teacher (50 steps, CFG) on one evaluation set with the
+   toy evaluator (:mod:`rmd.toy.evaluate`);
+4. times them side by side: rounds in which every method generates the same batch in
+   turn, median seconds per image, so a slow moment of the machine hits all alike;
+5. writes ``DIR/report.json`` (rows: the evaluator's fields + ``method``, ``nfe``,
+   ``seconds_per_image``, ``speedup_vs_teacher``, ``speedup_vs_4step``), ``DIR/report.md``
+   (table, sample grid, speed-versus-quality plot ``DIR/speed_quality.png``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .toy.teacher import ASSET_DIR, TEACHER_DIR
+
+STUDENTS_DIR = os.path.join(ASSET_DIR, "students")
+BASELINES = {"dmd2": "toy-dmd2", "naive": "toy-naive"}  # shipped student name -> recipe
+RMD_RECIPE = "toy-rmd"
+FOUR_STEP = "dmd2"  # the row the cascades' speed is compared with
+
+
+def teacher_fingerprint(path: str = TEACHER_DIR) -> str:
+    """sha256 of the teacher's transformer weights: a shipped student is valid only on this teacher."""
+    h = hashlib.sha256()
+    with open(os.path.join(path, "transformer", "diffusion_pytorch_model.safetensors"), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --- students -------------------------------------------------------------------------------
+
+
+@dataclass
+class Method:
+    """One compared method: its generator, network evaluations per image, and where it came from."""
+
+    name: str
+    method: str
+    generate: Callable[[list[str], list[int]], torch.Tensor]
+    nfe: float
+    source: str  # "trained in this run", "shipped", "teacher"
+    record: dict[str, Any]
+
+
+def _student_method(name: str, run_cfg, lora_path: str, prefix: Optional[str], source: str,
+                    record: dict[str, Any]) -> Method:
+    from .distill.train import build_student, load_lora_weights, sample_images
+
+    student = build_student(run_cfg, torch.device("cpu"), synced=False)
+    load_lora_weights(student.base, "generator", lora_path, prefix=prefix)
+    student.base.role("generator")
+    plan = run_cfg.plan()
+    per_step = 1 if run_cfg.sampling.guidance_scale == 1.0 else 2
+
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        return sample_images(student, prompts, seeds)
+
+    return Method(name, run_cfg.method, generate, float(plan.num_steps * per_step), source, record)
+
+
+def run_method(name: str, run_dir: str) -> Method:
+    """A method from a finished ``rmd distill`` run folder (its exported generator LoRA)."""
+    from .distill.config import load_run_config
+    from .distill.train import LORA_WEIGHT_NAME
+
+    cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
+    record = summarise_run(run_dir)
+    path = os.path.join(run_dir, "export", "generator_lora", LORA_WEIGHT_NAME)
+    return _student_method(name, cfg, path, "transformer", "trained in this run", record)
+
+
+def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR) -> Method:
+    """A baseline student shipped in the package, checked against the shipped teacher."""
+    from .cli import UserError
+    from .distill.config import load_run_config
+
+    folder = os.path.join(students_dir, name)
+    files = ("config.yaml", "generator_lora.safetensors", "record.json")
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UserError(f"the shipped {name} student is incomplete ({folder} lacks {missing}); "
+                        "run `rmd demo --train-baselines` to train it in the demo instead")
+    with open(os.path.join(folder, "record.json"), encoding="utf-8") as f:
+        record = json.load(f)
+    if record.get("teacher_sha256") != teacher_fingerprint(teacher_dir):
+        raise UserError(f"the shipped {name} student was trained on another toy teacher than the one installed; "
+                        "run `rmd demo --train-baselines` to train the baselines against this teacher")
+    cfg = load_run_config(os.path.join(folder, "config.yaml"), teacher=teacher_dir)
+    return _student_method(name, cfg, os.path.join(folder, "generator_lora.safetensors"), "transformer", "shipped",
+                           record)
+
+
+def summarise_run(run_dir: str) -> dict[str, Any]:
+    """The training record of a run folder: budget, wall time, last losses."""
+    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+        import yaml
+
+        cfg = yaml.safe_load(f)
+    lines = []
+    with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            lines.append(json.loads(line))
+    tail = lines[-20:] if lines else []
+    return {
+        "recipe": cfg["recipe"],
+        "method": cfg["method"],
+        "generator_updates": lines[-1]["step"] if lines else 0,
+        "batch_size": cfg["batch_size"],
+        "train_seconds": round(sum(m["seconds"] for m in lines), 1),
+        "loss_generator_last20": statistics.fmean(m["loss_generator"] for m in tail) if tail else None,
+        "loss_fake_last20": statistics.fmean(m["loss_fake"] for m in tail) if tail else None,
+    }
+
+
+def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENTS_DIR) -> str:
+    """Copy a finished run's generator LoRA, config and record into the package's students folder.
+
+    The record carries the fingerprint of the run's teacher, so a shipped student is
+    refused if the shipped teacher is ever replaced without retraining it.
+    """
+    from .distill.config import load_run_config
+    from .distill.train import LORA_WEIGHT_NAME
+
+    dest = os.path.join(dest_root, name)
+    tmp = dest + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shutil.copy(os.path.join(run_dir, "export", "generator_lora", LORA_WEIGHT_NAME),
+                os.path.join(tmp, "generator_lora.safetensors"))
+    shutil.copy(os.path.join(run_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
+    teacher = load_run_config(os.path.join(run_dir, "config.yaml")).teacher
+    record = {**summarise_run(run_dir), "command": command, "teacher_sha256": teacher_fingerprint(teacher)}
+    with open(os.path.join(tmp, "record.json"), "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+# --- timing -----------------------------------------------------------------------------------
+
+
+def time_side_by_side(methods: Sequence[Method], prompts: list[str], seeds: list[int], rounds: int = 3,
+                      progress: bool = False) -> dict[str, float]:
+    """Median seconds per image of each method, over ``rounds`` interleaved rounds on the same batch.
+
+    Interleaving (A B C, A B C, ...) spreads any slow phase of the machine over all methods
+    instead of charging it to whichever ran then; the first, warm-up call of each method
+    is not timed.
+    """
+    for m in methods:
+        m.generate(prompts[:2], seeds[:2])
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    for r in range(rounds):
+        for m in methods:
+            start = time.perf_counter()
+            m.generate(prompts, seeds)
+            times[m.name].append((time.perf_counter() - start) / len(prompts))
+        if progress:
+            print(f"  timing round {r + 1}/{rounds} done", file=sys.stderr)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+
+REPORT_FIELDS = ("name", "method", "alignment", "fd", "detail", "degraded_rate", "nfe", "seconds_per_image",
+                 "speedup_vs_teacher", "speedup_vs_4step")
+
+
+def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[str, float]) -> list[dict]:
+    """Merge evaluator results with the side-by-side timing into report rows."""
+    by_name = {m.name: m for m in methods}
+    teacher_s = speed["teacher"]
+    four_s = speed.get(FOUR_STEP)
+    rows = []
+    for r in results:
+        m = by_name[r["name"]]
+        s = speed[m.name]
+        row = {
+            "name": m.name,
+            "method": m.method,
+            "alignment": r["alignment"],
+            "fd": r["fd"],
+            "detail": r["detail"],
+            "degraded_rate": r["degraded_rate"],
+            "nfe": m.nfe,
+            "seconds_per_image": s,
+            "speedup_vs_teacher": teacher_s / s,
+            "speedup_vs_4step": (four_s / s) if four_s else None,
+            "alignment_heldout": r["alignment_heldout"],
+            "per_attribute": r["per_attribute"],
+            "num_images": r["num_images"],
+            "eval_seconds_per_image": r["seconds_per_image"],
+            "source": m.source,
+            "training": m.record,
+        }
+        rows.append(row)
+    return rows
+
+
+def plot_speed_quality(rows: Sequence[dict], path: str) -> None:
+    """Two panels: alignment and Frechet distance against images per second (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6))
+    for ax, key, label in ((axes[0], "alignment", "prompt alignment (higher is better)"),
+                           (axes[1], "fd", "Frechet distance (lower is better)")):
+        for r in rows:
+            ax.scatter(1.0 / r["seconds_per_image"], r[key], s=40)
+            ax.annotate(r["name"], (1.0 / r["seconds_per_image"], r[key]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel("images per second (measured, same run)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report_md(out: str, rows: Sequence[dict], info: dict[str, Any]) -> str:
+    lines = ["# RMD demo report", "",
+             f"Command: `{info['command']}`  ", f"Finished: {info['finished']}; {info['num_images']} evaluation images, "
+             f"timing: median of {info['rounds']} interleaved rounds of {info['timing_batch']} images, "
+             f"{info['threads']} threads.", "",
+             "| name | method | alignment | FD | detail | degraded | NFE | s/img | speedup vs teacher | "
+             "speedup vs 4-step |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        vs4 = "-" if r["speedup_vs_4step"] is None else f"{r['speedup_vs_4step']:.2f}x"
+        lines.append(f"| {r['name']} | {r['method']} | {r['alignment']:.3f} | {r['fd']:.1f} | {r['detail']:.2f} | "
+                     f"{r['degraded_rate']:.2f} | {r['nfe']:g} | {r['seconds_per_image']:.4f} | "
+                     f"{r['speedup_vs_teacher']:.1f}x | {vs4} |")
+    lines += ["", "Alignment: share of prompt attributes the toy evaluator reads back. FD: Frechet distance of "
+              "evaluator features to real renders of the same prompts. Detail: high-frequency energy relative to "
+              "real images (1 = real; below: blur). Degraded: share of samples that look like the degraded "
+              "low-resolution training data.", "",
+              "![samples](samples.png)", "", "![speed versus quality](speed_quality.png)", "", "## Training", ""]
+    if info["budget_notes"]:
+        lines += ["**Unequal training budgets** (the comparison is not like for like): "
+                  + "; ".join(info["budget_notes"]), ""]
+    for r in rows:
+        t = r["training"]
+        if t:
+            lines.append(f"- **{r['name']}** ({r['source']}): recipe `{t.get('recipe')}`, "
+                         f"{t.get('generator_updates')} generator updates at batch {t.get('batch_size')}, "
+                         f"{t.get('train_seconds', 0) / 60:.1f} min of training")
+    path = os.path.join(out, "report.md")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# --- the command --------------------------------------------------------------------------------
+
+
+def _train(recipe: str, out: str, overrides: dict[str, Any], progress: bool) -> None:
+    from .distill.config import load_run_config
+    from .distill.train import train
+
+    cfg = load_run_config(recipe, **overrides)
+    info_path = os.path.join(out, "run.json")
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("status") == "finished" and info.get("step", 0) >= cfg.max_steps:
+            print(f"{out}: already trained to step {info['step']}, reusing it", file=sys.stderr)
+            return
+    train(cfg, out, resume=True, progress=progress)
+
+
+def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional[int] = None,
+             train_baselines: bool = False, rounds: int = 3, timing_batch: int = 32, teacher_steps: int = 50,
+             progress: bool = True, teacher: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR,
+             overrides: Optional[dict[str, Any]] = None) -> list[dict]:
+    """The whole demo; returns the report rows (also written to ``out/report.json``).
+
+    ``overrides`` are run-config keys applied to every distillation here (tests shrink
+    the runs with them); ``teacher`` and ``students_dir`` replace the shipped ones.
+    """
+    from .toy.evaluate import Row, evaluate_rows, make_eval_set, teacher_generator, write_grid
+    from .toy.evaluator import load_evaluator
+    from .toy.teacher import load_teacher
+
+    os.makedirs(out, exist_ok=True)
+    t_start = time.time()
+    overrides = {**(overrides or {}), "teacher": teacher}
+    if max_steps:
+        overrides["max_steps"] = max_steps
+    _train(RMD_RECIPE, os.path.join(out, "rmd"), overrides, progress)
+    methods = []
+    gen, nfe = teacher_generator(load_teacher(teacher), teacher_steps)
+    methods.append(Method("teacher", "teacher", gen, nfe, "teacher", {}))
+    for name, recipe in BASELINES.items():
+        if train_baselines:
+            _train(recipe, os.path.join(out, name), overrides, progress)
+            methods.append(run_method(name, os.path.join(out, name)))
+        else:
+            methods.append(shipped_method(name, teacher, students_dir))
+    methods.append(run_method("rmd", os.path.join(out, "rmd")))
+
+    eval_set = make_eval_set(num_images, seed)
+    results, images = evaluate_rows([Row(m.name, m.generate, m.nfe) for m in methods], evaluator=load_evaluator(),
+                                    eval_set=eval_set, return_images=True)
+    speed = time_side_by_side(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
+                              progress)
+    rows = build_rows(results, methods, speed)
+    # the comparison is fair only at equal budgets (generator updates x batch size): say so if not
+    rmd_rec = next(m.record for m in methods if m.name == "rmd")
+    budget_notes = [f"{m.name}: {m.record.get('generator_updates')} updates at batch {m.record.get('batch_size')} vs "
+                    f"RMD's {rmd_rec['generator_updates']} at {rmd_rec['batch_size']}"
+                    for m in methods if m.record and m.name != "rmd"
+                    and (m.record.get("generator_updates"), m.record.get("batch_size"))
+                    != (rmd_rec["generator_updates"], rmd_rec["batch_size"])]
+    write_grid(os.path.join(out, "samples.png"), {"real": eval_set.reference, **images})
+    plot_speed_quality(rows, os.path.join(out, "speed_quality.png"))
+    info = {"command": " ".join(["rmd"] + sys.argv[1:]) if sys.argv and "rmd" in sys.argv[0] else "run_demo()",
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "num_images": num_images, "rounds": rounds,
+            "timing_batch": timing_batch, "threads": torch.get_num_threads(),
+            "wall_seconds": round(time.time() - t_start, 1), "budget_notes": budget_notes}
+    with open(os.path.join(out, "report.json.tmp"), "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
+    write_report_md(out, rows, info)
+    return rows
+
+
+def format_rows(rows: Sequence[dict]) -> str:
+    head = f"{'name':<10} {'align':>6} {'fd':>8} {'detail':>6} {'degr':>5} {'nfe':>4} {'s/img':>8} {'vs teacher':>10} " \
+           f"{'vs 4-step':>9}"
+    out = [head]
+    for r in rows:
+        vs4 = "-" if r["speedup_vs_4step"] is None else f"{r['speedup_vs_4step']:.2f}x"
+        out.append(f"{r['name']:<10} {r['alignment']:>6.3f} {r['fd']:>8.1f} {r['detail']:>6.2f} "
+                   f"{r['degraded_rate']:>5.2f} {r['nfe']:>4g} {r['seconds_per_image']:>8.4f} "
+                   f"{r['speedup_vs_teacher']:>9.1f}x {vs4:>9}")
+    return "\n".join(out)
+
+
+def run_demo_command(args: Any) -> None:
+    from .cli import UserError
+
+    if args.num_images < 2:
+        raise UserError(f"--num-images must be at least 2 (the Frechet distance fits a covariance), got {args.num_images}")
+    if args.rounds < 1:
+        raise UserError("--rounds must be at least 1")
+    if args.timing_batch < 1 or args.timing_batch > args.num_images:
+        raise UserError(f"--timing-batch must be between 1 and --num-images ({args.num_images})")
+    try:
+        probe = os.path.join(args.out, ".write-test")
+        os.makedirs(args.out, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise UserError(f"--out {args.out!r} is not a writable folder ({e.strerror}); choose another") from None
+    rows = run_demo(args.out, args.num_images, args.seed, args.max_steps, args.train_baselines, args.rounds,
+                    args.timing_batch, progress=not args.quiet)
+    print(format_rows(rows))
+    print(f"report: {os.path.join(args.out, 'report.md')} and report.json")
