@@ -98,3 +98,16 @@ def test_cli_rejects_bad_options_before_work(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["demo", "--out", str(blocker / "sub")]) == 2
     assert "not a writable folder" in capsys.readouterr().err
+
+
+def test_toy_eval_scores_a_run_folder(demo, tmp_path, capsys):
+    _, out, _ = demo
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["toy", "eval", "--rows", "real", "--run", f"student={out}/rmd", "--num-images", "4", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == ["real", "student"] and rows[1]["nfe"] == 4
+    assert main(["toy", "eval", "--run", f"x={tmp_path}", "--num-images", "4"]) == 2
+    assert "no exported generator" in capsys.readouterr().err
+    assert main(["toy", "eval", "--run", "nodir", "--num-images", "4"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err

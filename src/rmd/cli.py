@@ -179,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
     e.add_argument("--json", action="store_true", help="print the rows as JSON")
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
+    e.add_argument("--run", action="append", metavar="NAME=DIR",
+                   help="also evaluate the generator of a finished `rmd distill` folder as row NAME (repeatable)")
     e.set_defaults(func=_cmd_toy_eval)
 
     _add_distill_parsers(sub)

@@ -19,12 +19,16 @@ Standard rows (``rmd toy eval``):
   with classifier-free guidance; nfe = 2 x steps (1 x when guidance is 1);
 * ``teacher-low``: the same at the lowest training resolution (8 px), bilinearly
   upsampled to the target: what a cascade's first stage alone would give.
+
+``--run NAME=DIR`` adds a distilled generator (a finished ``rmd distill`` folder) as a
+row, sampled with its own plan and sampling settings.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -254,7 +258,7 @@ def run_eval_command(args: argparse.Namespace) -> None:
     from ..cli import UserError
 
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
-    if not names:
+    if not names and not args.run:
         raise UserError("--rows is empty; give e.g. --rows real,teacher,teacher-low")
     if len(set(names)) != len(names):
         raise UserError(f"--rows lists a row twice: {names}")
@@ -263,9 +267,23 @@ def run_eval_command(args: argparse.Namespace) -> None:
                         f"got {args.num_images}")
     if args.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    runs = []
+    for item in args.run or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--run takes NAME=DIR (a finished `rmd distill` folder), got {item!r}")
+        if not os.path.isfile(os.path.join(path, "export", "generator_lora", "pytorch_lora_weights.safetensors")):
+            raise UserError(f"--run {item}: {path} has no exported generator; is it a finished `rmd distill` folder?")
+        if name in names or name in [r[0] for r in runs]:
+            raise UserError(f"--run {item}: the row name {name!r} is taken; choose another")
+        runs.append((name, path))
     try:
         eval_set = make_eval_set(args.num_images, args.seed)
         rows = standard_rows(names, eval_set, args.teacher, args.steps, args.guidance, progress=sys.stderr.isatty())
+        if runs:
+            from ..demo import run_method
+
+            rows += [Row(name, m.generate, m.nfe) for name, m in ((n, run_method(n, p)) for n, p in runs)]
         evaluator = load_evaluator()
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
