@@ -12,6 +12,26 @@ The same function runs RMD and its neighbours; they differ only in settings
   interval; 1:1 updates.
 - naive cascade ("UP without RM"): the cascade plan, but each step is matched at its
   own resolution against the teacher there (no cross-resolution matching).
+- SwD ("Scale-wise Distillation of Diffusion Models", Starodubcev et al., arXiv): one scale per step,
+  fresh noise after each upscale, DMD2-style matching at the target resolution, plus
+  Patch Distribution Matching and a GAN head (METHOD 6).
+
+Two extra objectives any method can switch on (METHOD 6; both need real images at the
+matching resolution, passed as ``real``):
+
+- GAN (DMD2): ``gan_weight`` > 0 puts a discriminator head on the fake score's inner
+  token features (block ``gan_block``). The head is trained with the fake score
+  (``gan_disc_weight`` x the softplus classifier loss, real vs generated, noised at the
+  same tau); the generator adds ``gan_weight`` x the non-saturating loss of its noised
+  sample under the fake role.
+- PDM (SwD): ``pdm_weight`` > 0 adds an MMD between the ``pdm_role`` network's token
+  features (block ``pdm_block``) of the noised generator sample and of real images
+  noised with the same tau and noise (``pdm_kernel``: linear or rbf).
+
+Their generator terms are differentiated under the role their graph was built with
+(``torch.autograd.grad`` to the generator's sample only), and the result is chained into
+the generator's graph under the generator role: correct with gradient checkpointing, and
+no gradient ever reaches the head or the fake LoRA in the generator update.
 
 All randomness comes from one ``torch.Generator`` per iteration, so an iteration is
 a pure function of (weights, optimiser state, iteration seed): resume is exact.
@@ -30,7 +50,9 @@ from ..denoisers import CFGDenoiser, Conditioning
 from ..plan import StagePlan
 from ..schedules import marginal_std
 from ..upsample import renoise, upsample, upsample_noise
-from .losses import dm_direction, dm_generator_loss, fake_score_loss
+from .features import BlockFeatures, features
+from .losses import (dm_direction, dm_generator_loss, fake_score_loss, gan_discriminator_loss, gan_generator_loss,
+                     pdm_loss)
 from .roles import SharedBase
 
 
@@ -52,6 +74,21 @@ class MethodConfig(BaseModel):
     min_divisor: float = Field(0.2, gt=0)
     huber_c: Optional[float] = None
     snr_clip: Optional[float] = Field(5.0, description="clip of the fake score's SNR weight (None: no clip)")
+    gan_weight: float = Field(0.0, ge=0, description="generator GAN loss weight (0: no GAN; DMD2: 5e-3)")
+    gan_disc_weight: float = Field(1e-2, ge=0, description="classifier loss weight in the fake update (DMD2: 1e-2)")
+    gan_block: Optional[int] = Field(None, ge=0, description="block the head reads (None: the middle one)")
+    gan_hidden: int = Field(64, ge=1, description="hidden width of the discriminator head")
+    pdm_weight: float = Field(0.0, ge=0, description="Patch Distribution Matching weight (0: off)")
+    pdm_kernel: Literal["linear", "rbf"] = "linear"
+    pdm_block: Optional[int] = Field(None, ge=0, description="block PDM compares (None: the middle one)")
+    # METHOD 6 reads SwD's PDM on an inner block of the fake score; the frozen teacher is the default here:
+    # a fixed feature space that the generator cannot move by training the network that measures it
+    pdm_role: Literal["teacher", "fake"] = Field("teacher", description="network whose features PDM compares")
+
+    @property
+    def needs_real(self) -> bool:
+        """GAN and PDM compare with real images at the matching resolution."""
+        return self.gan_weight > 0 or self.pdm_weight > 0
 
 
 PRESETS: dict[str, dict] = {
@@ -59,6 +96,11 @@ PRESETS: dict[str, dict] = {
     "dmd2": dict(cross_resolution=True, tau_mode="full", eta=0.0, gamma=0.0, fake_updates=5),
     "tdm": dict(cross_resolution=True, tau_mode="step", eta=1.0, gamma=1.0, fake_updates=1),
     "naive": dict(cross_resolution=False, tau_mode="full", eta=0.0, gamma=0.0, fake_updates=1),
+    # SwD: a new scale at every step with fresh noise after each upscale (gamma 0), DMD2's matching
+    # (tau over [0.02, 0.98], 5 fake updates) at the target resolution, plus PDM and the GAN head
+    # (METHOD 6; the GAN weights are DMD2's). PDM's weight is a first guess, not from the paper.
+    "swd": dict(cross_resolution=True, tau_mode="full", eta=0.0, gamma=0.0, fake_updates=5,
+                pdm_weight=1.0, pdm_kernel="rbf", gan_weight=5e-3),
 }
 
 
@@ -69,6 +111,14 @@ class StepLosses:
     stage: int
     step: int
     dm_norm: float
+    loss_gan_generator: Optional[float] = None  # set when gan_weight > 0
+    loss_gan_discriminator: Optional[float] = None
+    loss_pdm: Optional[float] = None  # set when pdm_weight > 0
+
+    def extras(self) -> dict[str, float]:
+        """The optional losses that were computed, by name."""
+        names = ("loss_gan_generator", "loss_gan_discriminator", "loss_pdm")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
 
 
 def pick_stage_and_step(plan: StagePlan, cfg: MethodConfig, iteration: int, rng: random.Random) -> tuple[int, int]:
@@ -125,6 +175,56 @@ def simulate(generator, plan: StagePlan, cond: Conditioning, upto: int, cfg: Met
     return x
 
 
+def _bcast(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _real_at(real: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Real samples on ``like``'s device and dtype, resized (anti-aliased) to its spatial size if needed."""
+    real = real.to(device=like.device, dtype=like.dtype)
+    if real.shape[0] != like.shape[0] or real.shape[1:-2] != like.shape[1:-2]:
+        raise ValueError(f"real samples {tuple(real.shape)} do not fit the generator's {tuple(like.shape)}")
+    if real.shape[-2:] != like.shape[-2:]:
+        if real.dim() != 4:
+            raise ValueError("real samples must come at the matching resolution for video backbones")
+        real = torch.nn.functional.interpolate(real.float(), size=like.shape[-2:], mode="bilinear",
+                                               align_corners=False, antialias=True).to(like.dtype)
+    return real
+
+
+def generator_extras(base: SharedBase, den: torch.nn.Module, cfg: MethodConfig, X: torch.Tensor,
+                     real: torch.Tensor, tau: torch.Tensor, z: torch.Tensor, cond: Conditioning,
+                     head: Optional[torch.nn.Module], w_k: float) -> tuple[torch.Tensor, dict[str, float]]:
+    """The generator's GAN and PDM terms (METHOD 6): their gradient with respect to ``X``, and their values.
+
+    Both read the generator sample noised as ``(1 - tau) X + tau z`` -- the construction the
+    discriminator is trained on, and (with the same tau and z applied to ``real``) PDM's
+    "same noise" pairing. Each term's graph runs through another role's forward (fake for
+    the GAN, ``pdm_role`` for PDM), so it is differentiated under that role, to ``X`` only.
+    """
+    x = X.detach().requires_grad_(True)
+    tb = _bcast(tau, x)
+    grad = torch.zeros_like(x, dtype=torch.float32)
+    logs: dict[str, float] = {}
+    if cfg.gan_weight > 0:
+        with base.as_role("fake"):
+            logits = head(features(base.model, cfg.gan_block, den, (1 - tb) * x + tb * z, tau, cond))
+            loss = gan_generator_loss(logits)  # non-saturating softplus(-D) (DMD2)
+            (g,) = torch.autograd.grad((w_k * cfg.gan_weight * loss).mean(), x)
+        grad += g.float()
+        logs["loss_gan_generator"] = loss.mean().item()
+    if cfg.pdm_weight > 0:
+        with base.as_role(cfg.pdm_role):
+            with torch.no_grad():
+                f_real = features(base.model, cfg.pdm_block, den, (1 - tb) * real + tb * z, tau, cond)
+            f_gen = features(base.model, cfg.pdm_block, den, (1 - tb) * x + tb * z, tau, cond)
+            loss = pdm_loss(f_gen, f_real, cfg.pdm_kernel)
+            (g,) = torch.autograd.grad((w_k * cfg.pdm_weight * loss).mean(), x)
+        grad += g.float()
+        logs["loss_pdm"] = loss.mean().item()
+    return grad, logs
+
+
 def distill_iteration(
     base: SharedBase,
     make_denoiser: Callable[[], torch.nn.Module],
@@ -138,8 +238,20 @@ def distill_iteration(
     opt_fake: torch.optim.Optimizer,
     stage_loss_weight: Optional[Sequence[float]] = None,
     grad_clip: float = 1.0,
+    real: Optional[torch.Tensor] = None,
+    head: Optional[torch.nn.Module] = None,
 ) -> StepLosses:
-    """One generator update and ``cfg.fake_updates`` fake-score updates (Algorithm 1)."""
+    """One generator update and ``cfg.fake_updates`` fake-score updates (Algorithm 1).
+
+    With GAN or PDM on, ``real`` holds clean real samples for the batch's prompts in the
+    denoiser's state space (resized to the matching resolution if they differ), and with
+    the GAN on, ``head`` is the discriminator head, whose parameters must be in ``opt_fake``.
+    """
+    if cfg.needs_real and real is None:
+        raise ValueError("gan_weight / pdm_weight > 0 need real samples: pass real=")
+    if cfg.gan_weight > 0 and head is None:
+        raise ValueError("gan_weight > 0 needs the discriminator head: pass head=")
+    gan = cfg.gan_weight > 0
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(rng.randrange(2**63))
     den = make_denoiser()  # the adapter over base.model; its behaviour follows base's active role
@@ -175,13 +287,23 @@ def distill_iteration(
             x0_fake, _ = den(x_tau, tau, cond)
     direction = dm_direction(X.detach(), x0_fake, x0_real, cfg.min_divisor)
     loss_g = (w_k * dm_generator_loss(X, direction, cfg.huber_c)).mean()
+    logs: dict[str, float] = {}
+    loss_g_value = None
+    if cfg.needs_real:
+        real = _real_at(real, X.detach())
+        grad_x, logs = generator_extras(base, den, cfg, X, real, tau, z, cond, head, w_k)
+        # (X * grad_x).sum() has gradient grad_x in X: chains the extra terms into the generator's graph
+        loss_g_value = loss_g.item() + w_k * (cfg.gan_weight * logs.get("loss_gan_generator", 0.0)
+                                              + cfg.pdm_weight * logs.get("loss_pdm", 0.0))
+        loss_g = loss_g + (X.float() * grad_x).sum()
     opt_generator.zero_grad(set_to_none=True)
     base.backward(loss_g, "generator")
     torch.nn.utils.clip_grad_norm_(base.parameters("generator"), grad_clip)
     opt_generator.step()
 
-    # --- fake-score updates (Eq. 9) ---
-    fake_losses = []
+    # --- fake-score updates (Eq. 9), with the discriminator head's classifier loss when the GAN is on ---
+    fake_params = base.parameters("fake") + (list(head.parameters()) if gan else [])
+    fake_losses, disc_losses = [], []
     X_fake = X.detach()
     for j in range(cfg.fake_updates):
         if j > 0:  # later updates see fresh generator samples, as in DMD2
@@ -192,13 +314,26 @@ def distill_iteration(
         tf = tau_f.view(-1, *([1] * (X_fake.dim() - 1)))
         x_t = (1 - tf) * X_fake + tf * torch.randn(X_fake.shape, generator=g).to(dev)
         base.role("fake")
-        x0_pred, _ = den(x_t, tau_f, cond)
+        if gan:
+            with BlockFeatures(base.model, cfg.gan_block) as tap:
+                x0_pred, _ = den(x_t, tau_f, cond)
+                f_fake = tap.value
+            # real images noised at the same tau' (DMD2 classifies noisy real vs noisy generated)
+            x_r = (1 - tf) * real + tf * torch.randn(real.shape, generator=g).to(dev)
+            f_real = features(base.model, cfg.gan_block, den, x_r, tau_f, cond)
+            loss_d = gan_discriminator_loss(head(f_real), head(f_fake)).mean()
+        else:
+            x0_pred, _ = den(x_t, tau_f, cond)
         loss_f = fake_score_loss(x0_pred, X_fake, tau_f, cfg.snr_clip).mean()
         opt_fake.zero_grad(set_to_none=True)
-        base.backward(loss_f, "fake")
-        torch.nn.utils.clip_grad_norm_(base.parameters("fake"), grad_clip)
+        base.backward(loss_f + cfg.gan_disc_weight * loss_d if gan else loss_f, "fake")
+        torch.nn.utils.clip_grad_norm_(fake_params, grad_clip)
         opt_fake.step()
         fake_losses.append(loss_f.item())
+        if gan:
+            disc_losses.append(loss_d.item())
     base.role("generator")
-    return StepLosses(loss_g.item(), sum(fake_losses) / len(fake_losses), stage, step,
-                      float(direction.flatten(1).norm(dim=1).mean()))
+    if disc_losses:
+        logs["loss_gan_discriminator"] = sum(disc_losses) / len(disc_losses)
+    return StepLosses(loss_g.item() if loss_g_value is None else loss_g_value, sum(fake_losses) / len(fake_losses),
+                      stage, step, float(direction.flatten(1).norm(dim=1).mean()), **logs)
