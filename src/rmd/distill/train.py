@@ -14,6 +14,7 @@ Run folder::
     DIR/tensorboard/     scalars and sample grids
     DIR/samples/         step-XXXXXXXX.png sample grids
     DIR/checkpoints/step-XXXXXXXX/   LoRA of both roles, optimiser states, config, state.json
+                                     (+ heads.safetensors: the GAN discriminator head, when gan_weight > 0)
     DIR/export/generator_lora/pytorch_lora_weights.safetensors   (diffusers ``load_lora_adapter``)
     DIR/export/generator_full/       the merged generator (toy: a folder ``load_teacher`` reads)
 
@@ -71,6 +72,7 @@ from .roles import SharedBase
 
 CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("generator.safetensors", "fake.safetensors", "optimizer.pt", "config.yaml", "state.json")
+HEADS_FILE = "heads.safetensors"  # only in runs with a discriminator head (gan_weight > 0)
 _CKPT_NAME = re.compile(r"^step-(\d{8})$")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 
@@ -94,7 +96,10 @@ class Backbone:
     draws a batch of training prompts from an rng; ``decode`` maps latents to images in
     [-1, 1] (None: pixel space); ``save_full`` writes a merged model folder; ``save_lora``
     writes a LoRA state dict (+ peft metadata) in the family's diffusers layout, whose keys
-    carry ``lora_prefix``.
+    carry ``lora_prefix``. ``train_batch`` (optional) draws prompts *with* real samples for
+    them, ``(prompts, x0)``: clean samples in the denoiser's state space (pixels in [-1, 1],
+    or VAE latents) at the teacher resolution; GAN and PDM (``gan_weight`` / ``pdm_weight``)
+    need it.
     """
 
     name: str
@@ -107,6 +112,7 @@ class Backbone:
     save_lora: Callable[[dict[str, torch.Tensor], dict, str], None]
     lora_prefix: str
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    train_batch: Optional[Callable[[int, random.Random], tuple[list[str], torch.Tensor]]] = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # moved to the device with the model
 
     def to(self, device: torch.device) -> "Backbone":
@@ -121,7 +127,7 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
     from diffusers.loaders import SD3LoraLoaderMixin
 
     from ..toy.teacher import load_teacher, save_teacher
-    from ..toy.world import prompt_for, sample_scenes
+    from ..toy.world import prompt_for, render, sample_scenes
 
     try:
         teacher = load_teacher(cfg.teacher)
@@ -132,6 +138,14 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
     def train_prompts(n: int, rng: random.Random) -> list[str]:
         scenes = sample_scenes(n, rng.randrange(2**31), split="train")
         return [prompt_for(s, rng.randrange(2**31)) for s in scenes]
+
+    real_size = cfg.plan().teacher_size[0]  # toy images are square
+
+    def train_batch(n: int, rng: random.Random) -> tuple[list[str], torch.Tensor]:
+        # the renderer's clean images are the toy world's "real data" at the matching resolution
+        scenes = sample_scenes(n, rng.randrange(2**31), split="train")
+        prompts = [prompt_for(s, rng.randrange(2**31)) for s in scenes]
+        return prompts, render(scenes, real_size, [rng.randrange(2**31) for _ in scenes])
 
     def sample_prompts(n: int) -> list[str]:
         # fixed across the run (and across runs): grids at different steps are comparable
@@ -147,6 +161,7 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
         make_denoiser=lambda: from_model(model, vae_scale_factor=1),
         encode=teacher.text.encode,  # batched, under torch.no_grad
         train_prompts=train_prompts,
+        train_batch=train_batch,
         sample_prompts=sample_prompts,
         save_full=lambda merged, path: save_teacher(path, merged, teacher.text, teacher.config),
         save_lora=save_lora,
@@ -178,11 +193,17 @@ class SyncedSharedBase(SharedBase):
 
     This is DDP's gradient averaging done by hand, once per backward (see the module
     docstring for why the model is not wrapped in DDP). With one process it is SharedBase.
+    ``extra[role]`` lists further parameters trained in that role's backward (the GAN head
+    in the fake update); they are averaged too.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.extra: dict[str, list[nn.Parameter]] = {}
 
     def backward(self, loss: torch.Tensor, role: str) -> None:
         super().backward(loss, role)
-        all_reduce_mean_grads(self.parameters(role))
+        all_reduce_mean_grads(self.parameters(role) + self.extra.get(role, []))
 
 
 def _world() -> int:
@@ -217,11 +238,15 @@ def broadcast_params(params: Sequence[nn.Parameter], src: int = 0) -> None:
 
 @dataclass
 class Student:
-    """The backbone with its two LoRA roles; ``denoiser()`` follows the active role."""
+    """The backbone with its two LoRA roles; ``denoiser()`` follows the active role.
+
+    ``head`` is the GAN discriminator head (``gan_weight`` > 0), trained with the fake score.
+    """
 
     cfg: RunConfig
     backbone: Backbone
     base: SharedBase
+    head: Optional[nn.Module] = None
 
     def denoiser(self) -> Denoiser:
         return self.backbone.make_denoiser()
@@ -229,10 +254,22 @@ class Student:
     def lora_params(self) -> list[nn.Parameter]:
         return self.base.parameters("generator") + self.base.parameters("fake")
 
+    def head_params(self) -> list[nn.Parameter]:
+        return list(self.head.parameters()) if self.head is not None else []
+
+    def trained_params(self) -> list[nn.Parameter]:
+        """Everything the run trains (kept identical over processes): both LoRAs and the head."""
+        return self.lora_params() + self.head_params()
+
 
 def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced: bool = True) -> Student:
     """Teacher network + generator and fake LoRA adapters (B = 0: both start as the teacher)."""
     backbone = build_backbone(cfg)
+    method = cfg.method_config
+    if method.needs_real and backbone.train_batch is None:
+        raise _user_error(f"method_config.gan_weight / pdm_weight > 0 compare with real images, but backbone "
+                          f"{backbone.name!r} provides none (Backbone.train_batch); set both weights to 0 or give "
+                          "the backbone a train_batch(n, rng) -> (prompts, real samples)")
     cls = SyncedSharedBase if synced else SharedBase
     with warnings.catch_warnings():  # peft warns when a second adapter is added: two adapters are the design
         warnings.filterwarnings("ignore", message=".*multiple adapters.*")
@@ -240,15 +277,35 @@ def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced:
                    init_seed=cfg.seed)
     if cfg.gradient_checkpointing:
         backbone.model.enable_gradient_checkpointing()  # safe: SharedBase.backward restores the graph's role
+    head = None
+    if method.gan_weight > 0:
+        from .features import DiscriminatorHead, block_index, feature_dim
+
+        try:
+            block_index(backbone.model, method.gan_block)
+            head = DiscriminatorHead(feature_dim(backbone.model), method.gan_hidden, seed=cfg.seed)
+        except ValueError as e:
+            raise _user_error(f"method_config.gan_block: {e}") from None
+        if isinstance(base, SyncedSharedBase):
+            base.extra["fake"] = list(head.parameters())  # trained in the fake backward: averaged with it
+    if method.pdm_weight > 0:
+        from .features import block_index
+
+        try:
+            block_index(backbone.model, method.pdm_block)
+        except ValueError as e:
+            raise _user_error(f"method_config.pdm_block: {e}") from None
     if device is not None:
         backbone.to(device)
+        if head is not None:
+            head.to(device)
     den = backbone.make_denoiser()
     for size in dict.fromkeys(s.size for s in cfg.plan().steps):
         try:
             den.check_size(size, cfg.frames)
         except SizeError as e:
             raise PlanError(f"schedule resolution {size}: {e}") from None
-    return Student(cfg, backbone, base)
+    return Student(cfg, backbone, base, head)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -328,6 +385,9 @@ def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.opti
     os.makedirs(tmp)
     for role in ("generator", "fake"):
         save_file(_lora_state(student.base, role), os.path.join(tmp, f"{role}.safetensors"), metadata={"format": "pt"})
+    if student.head is not None:  # its optimiser state is in opt_f's (it is trained with the fake score)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in student.head.state_dict().items()},
+                  os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
     torch.save({"generator": opt_g.state_dict(), "fake": opt_f.state_dict()}, os.path.join(tmp, "optimizer.pt"))
     write_config(student.cfg, os.path.join(tmp, "config.yaml"))
     state = {"step": step, "rng": "none needed: iteration i on rank r draws only from (seed, i, r)", **extra}
@@ -365,6 +425,14 @@ def load_checkpoint(path: str, student: Student, opt_g: Optional[torch.optim.Opt
     """Restore both roles' LoRA weights (and the optimiser states, if given); returns state.json."""
     for role in ("generator", "fake"):
         load_lora_weights(student.base, role, os.path.join(path, f"{role}.safetensors"))
+    if student.head is not None:
+        from safetensors.torch import load_file
+
+        heads = os.path.join(path, HEADS_FILE)
+        if not os.path.isfile(heads):
+            raise _user_error(f"{path} has no {HEADS_FILE}: it was written without the GAN head (gan_weight 0)")
+        device = next(student.head.parameters()).device
+        student.head.load_state_dict(load_file(heads, device=str(device)))
     if opt_g is not None and opt_f is not None:
         device = next(p.device for p in student.base.parameters("generator"))
         opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
@@ -589,12 +657,13 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     plan, method = cfg.plan(), MethodConfig(**cfg.method_config.model_dump())
     opt_g = torch.optim.AdamW(base.parameters("generator"), lr=cfg.generator_lr, betas=cfg.adam_betas,
                               weight_decay=cfg.weight_decay)
-    opt_f = torch.optim.AdamW(base.parameters("fake"), lr=cfg.fake_lr, betas=cfg.adam_betas,
+    # the GAN head (if any) is trained with the fake score, by the same optimiser (as in DMD2)
+    opt_f = torch.optim.AdamW(base.parameters("fake") + student.head_params(), lr=cfg.fake_lr, betas=cfg.adam_betas,
                               weight_decay=cfg.weight_decay)
     if ckpt_path is not None:
         load_checkpoint(ckpt_path, student, opt_g, opt_f)
     else:
-        broadcast_params(student.lora_params())
+        broadcast_params(student.trained_params())
     uncond = bb.encode([""])
 
     writer = None
@@ -613,20 +682,28 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             t0 = time.perf_counter()
             rng = iteration_rng(cfg.seed, it, rank)
             torch.manual_seed(rng.randrange(2**63))  # anything drawing from the global RNG is seeded too
-            prompts = bb.train_prompts(cfg.batch_size, rng)
+            real = None
+            if method.needs_real:  # GAN / PDM: prompts with real samples for them
+                prompts, real = bb.train_batch(cfg.batch_size, rng)
+                real = real.to(acc.device)
+            else:
+                prompts = bb.train_prompts(cfg.batch_size, rng)
             cond = bb.encode(prompts)  # once per batch, no gradients
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                 res = distill_iteration(base, bb.make_denoiser, plan, cond, uncond, method, it, rng.randrange(2**63),
-                                        opt_g, opt_f, cfg.stage_loss_weights, cfg.grad_clip)
+                                        opt_g, opt_f, cfg.stage_loss_weights, cfg.grad_clip, real=real,
+                                        head=student.head)
             step = it + 1
-            local = torch.tensor([[res.loss_generator, res.loss_fake, res.dm_norm]], dtype=torch.float64,
-                                 device=acc.device)
-            every = acc.gather(local).cpu() if world > 1 else local.cpu()  # (world, 3)
+            extras = res.extras()
+            local = torch.tensor([[res.loss_generator, res.loss_fake, res.dm_norm, *extras.values()]],
+                                 dtype=torch.float64, device=acc.device)
+            every = acc.gather(local).cpu() if world > 1 else local.cpu()  # (world, 3 + extras)
             mean = every.mean(0).tolist()
             line: dict[str, Any] = {
                 "step": step, "loss_generator": mean[0], "loss_fake": mean[1], "stage": res.stage,
                 "step_index": res.step, "dm_norm": mean[2], "lr": opt_g.param_groups[0]["lr"],
                 "lr_fake": opt_f.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4),
+                **dict(zip(extras, mean[3:])),  # GAN / PDM losses, when on
             }
             if world > 1:  # losses above are rank means; stage / step_index are rank 0's draw
                 line["loss_generator_per_rank"] = every[:, 0].tolist()
@@ -634,7 +711,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             if is_main:
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
-                for key in ("loss_generator", "loss_fake", "dm_norm", "stage", "step_index", "lr", "seconds"):
+                for key in ("loss_generator", "loss_fake", "dm_norm", "stage", "step_index", "lr", "seconds", *extras):
                     writer.add_scalar(f"train/{key}", line[key], step)
                 bar.set_postfix(loss_g=f"{line['loss_generator']:.4g}", loss_f=f"{line['loss_fake']:.4g}",
                                 stage=res.stage + 1, refresh=False)
@@ -643,8 +720,8 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     _write_samples(out, student, sample_prompts, step, writer)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                sums = gather_object([lora_checksum(student.lora_params())]) if world > 1 else \
-                    [lora_checksum(student.lora_params())]
+                sums = gather_object([lora_checksum(student.trained_params())]) if world > 1 else \
+                    [lora_checksum(student.trained_params())]
                 if len(set(sums)) > 1:
                     raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
                 if is_main:
