@@ -81,7 +81,7 @@ class DistillConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["rmd", "dmd2", "tdm", "naive"] = "rmd"
+    method: Literal["rmd", "dmd2", "tdm", "naive", "swd"] = "rmd"
     teacher: Optional[str] = Field(None, description="teacher model folder (default: the shipped toy teacher)")
     method_config: MethodOverrides = Field(default_factory=MethodOverrides)  # type: ignore[valid-type]
     lora_rank: int = Field(16, ge=1)
