@@ -386,3 +386,17 @@ def test_two_gloo_processes_stay_in_sync(teacher_dir, tmp_path):
     student = load_run(run, "latest")
     load_checkpoint(os.path.join(run, "checkpoints", checkpoint_name(3)), student)
     assert lora_checksum(student.lora_params()) == state["rank_checksums"][0]
+
+
+def test_sampling_follows_the_training_trajectory_unless_the_recipe_says_otherwise(tmp_path, teacher_dir):
+    rmd = load_run_config("toy-rmd", teacher=teacher_dir)
+    assert (rmd.sampling.eta, rmd.sampling.gamma) == (rmd.method_config.eta, rmd.method_config.gamma) == (0.0, 0.2)
+    tdm = load_run_config("toy-tdm", teacher=teacher_dir)
+    assert (tdm.sampling.eta, tdm.sampling.gamma) == (1.0, 1.0)
+    over = load_run_config("toy-rmd", teacher=teacher_dir, method_config={"eta": 0.5})
+    assert over.sampling.eta == 0.5  # an override of the training value moves the default with it
+    path = recipe_file(tmp_path, teacher_dir)
+    text = open(path).read().replace("distill:", "sampling: {eta: 0.9}\ndistill:")
+    open(path, "w").write(text)
+    explicit = load_run_config(path)
+    assert (explicit.sampling.eta, explicit.sampling.gamma) == (0.9, 0.2)
