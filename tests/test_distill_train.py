@@ -400,3 +400,21 @@ def test_sampling_follows_the_training_trajectory_unless_the_recipe_says_otherwi
     open(path, "w").write(text)
     explicit = load_run_config(path)
     assert (explicit.sampling.eta, explicit.sampling.gamma) == (0.9, 0.2)
+
+
+def test_set_options_override_single_values(tmp_path, teacher_dir, capsys):
+    from rmd.distill.train import parse_set_options
+
+    got = parse_set_options(["method_config.gamma=0.5", "batch_size=4", "method_config.snr_clip=null"])
+    assert got == {"method_config": {"gamma": 0.5, "snr_clip": None}, "batch_size": 4}
+    cfg = load_run_config("toy-rmd", teacher=teacher_dir, **got)
+    assert (cfg.method_config.gamma, cfg.batch_size, cfg.method_config.snr_clip) == (0.5, 4, None)
+    out = str(tmp_path / "run")
+    for bad, words in ((["batch_size"], "KEY=VALUE"), (["schedule.steps=3"], "only top-level"),
+                       (["method_config.nosuch=1"], "nosuch"), (["batch_size=-1"], "batch_size")):
+        args = ["distill", "--recipe", "toy-rmd", "--teacher", teacher_dir, "--out", out]
+        for item in bad:
+            args += ["--set", item]
+        assert main(args) == 2
+        assert words in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # rejected before any work

@@ -120,6 +120,8 @@ def _add_distill_parsers(sub) -> None:
     d.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K iterations")
     d.add_argument("--teacher", help="teacher model folder (overrides the config)")
     d.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    d.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override one config value, e.g. --set method_config.gamma=0.5 --set batch_size=4 (repeatable)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
     d.set_defaults(func=_cmd_distill)
 

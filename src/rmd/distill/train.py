@@ -760,8 +760,36 @@ def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int
 # --- command line ---------------------------------------------------------------------------
 
 
+def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
+    """``["method_config.gamma=0.5", "batch_size=4"]`` -> ``{"method_config": {"gamma": 0.5}, "batch_size": 4}``.
+
+    Values are read as YAML scalars or lists (``0.5``, ``null``, ``[1, 2]``); the run config's
+    validation then names any unknown key or bad value.
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise _user_error(f"--set takes KEY=VALUE (e.g. --set method_config.gamma=0.5), got {item!r}")
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "method_config"):
+            raise _user_error(f"--set {item!r}: only top-level keys and method_config.KEY can be set")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise _user_error(f"--set {item!r}: the value is not valid YAML") from None
+        if len(parts) == 1:
+            out[parts[0]] = value
+        else:
+            out.setdefault("method_config", {})[parts[1]] = value
+    return out
+
+
 def run_distill_command(args: Any) -> None:
-    """``rmd distill --recipe NAME|--config FILE --out DIR [--max-steps N] [--checkpoint-every K] [--resume]``."""
+    """``rmd distill --recipe NAME|--config FILE --out DIR [--max-steps N] [--checkpoint-every K] [--resume]
+    [--set KEY=VALUE ...]``."""
     if args.recipe and args.config:
         raise _user_error("give --recipe or --config, not both")
     source = args.config or args.recipe
@@ -773,8 +801,9 @@ def run_distill_command(args: Any) -> None:
         source = own
     if args.config and not os.path.isfile(args.config):
         raise _user_error(f"--config {args.config!r}: no such file")
-    overrides = {k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
-                                   ("teacher", args.teacher)) if v is not None}
+    overrides = parse_set_options(getattr(args, "set", None) or [])
+    overrides.update({k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
+                                        ("teacher", args.teacher)) if v is not None})
     cfg = load_run_config(source, **overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if result.metrics:
