@@ -111,3 +111,15 @@ def test_toy_eval_scores_a_run_folder(demo, tmp_path, capsys):
     assert "no exported generator" in capsys.readouterr().err
     assert main(["toy", "eval", "--run", "nodir", "--num-images", "4"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+def test_missing_shipped_students_and_changed_settings_fail_before_training(demo, tmp_path):
+    teacher, out, _ = demo
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(UserError, match="incomplete"):
+        run_demo(fresh, num_images=4, max_steps=2, progress=False, teacher=teacher,
+                 students_dir=str(tmp_path / "none"), overrides=SMALL)
+    assert not os.path.exists(os.path.join(fresh, "rmd"))  # nothing trained
+    with pytest.raises(UserError, match="other settings"):
+        run_demo(out, num_images=4, max_steps=2, train_baselines=True, progress=False, teacher=teacher,
+                 overrides={**SMALL, "lora_rank": 2})

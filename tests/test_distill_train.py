@@ -411,7 +411,8 @@ def test_set_options_override_single_values(tmp_path, teacher_dir, capsys):
     assert (cfg.method_config.gamma, cfg.batch_size, cfg.method_config.snr_clip) == (0.5, 4, None)
     out = str(tmp_path / "run")
     for bad, words in ((["batch_size"], "KEY=VALUE"), (["schedule.steps=3"], "only top-level"),
-                       (["method_config.nosuch=1"], "nosuch"), (["batch_size=-1"], "batch_size")):
+                       (["method_config.nosuch=1"], "nosuch"), (["batch_size=-1"], "batch_size"),
+                       (["teacher_guidance_scale=7"], "--config FILE"), (["method_config=5"], "--config FILE")):
         args = ["distill", "--recipe", "toy-rmd", "--teacher", teacher_dir, "--out", out]
         for item in bad:
             args += ["--set", item]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import statistics
@@ -66,18 +67,35 @@ class Method:
 
 def _student_method(name: str, run_cfg, lora_path: str, prefix: Optional[str], source: str,
                     record: dict[str, Any]) -> Method:
-    from .distill.train import build_student, load_lora_weights, sample_images
+    from .denoisers import CFGDenoiser
+    from .distill.train import build_student, load_lora_weights, merged_copy
+    from .sampler import sample
 
     student = build_student(run_cfg, torch.device("cpu"), synced=False)
     load_lora_weights(student.base, "generator", lora_path, prefix=prefix)
-    student.base.role("generator")
-    plan = run_cfg.plan()
-    per_step = 1 if run_cfg.sampling.guidance_scale == 1.0 else 2
+    # deployed as a plain network with the LoRA merged in: timing it through peft's wrappers
+    # (two adapters attached) would charge the student overhead the teacher does not pay
+    bb = student.backbone
+    den = from_model_like(merged_copy(student.base, "generator"))
+    plan, smp = run_cfg.plan(), run_cfg.sampling
+    per_step = 1 if smp.guidance_scale == 1.0 else 2
+    if smp.guidance_scale != 1.0:
+        den = CFGDenoiser(den, bb.encode([""]), smp.guidance_scale)
 
+    @torch.no_grad()
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return sample_images(student, prompts, seeds)
+        out = sample(den, plan, bb.encode(list(prompts)), list(seeds), eta=smp.eta, gamma=smp.gamma,
+                     upsample_mode=smp.upsample, num_frames=run_cfg.frames, decode=bb.decode)
+        return out.float().cpu()
 
     return Method(name, run_cfg.method, generate, float(plan.num_steps * per_step), source, record)
+
+
+def from_model_like(model: torch.nn.Module):
+    """The toy's denoiser adapter around a plain (merged) transformer: pixel space."""
+    from .denoisers import from_model
+
+    return from_model(model, vae_scale_factor=1)
 
 
 def run_method(name: str, run_dir: str) -> Method:
@@ -154,8 +172,12 @@ def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENT
     record = {**summarise_run(run_dir), "command": command, "teacher_sha256": teacher_fingerprint(teacher)}
     with open(os.path.join(tmp, "record.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
-    shutil.rmtree(dest, ignore_errors=True)
+    old = dest + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(dest):
+        os.replace(dest, old)  # a crash from here on leaves either the old or the new student in place
     os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
     return dest
 
 
@@ -163,18 +185,21 @@ def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENT
 
 
 def time_side_by_side(methods: Sequence[Method], prompts: list[str], seeds: list[int], rounds: int = 3,
-                      progress: bool = False) -> dict[str, float]:
+                      progress: bool = False, warmup: bool = True) -> dict[str, float]:
     """Median seconds per image of each method, over ``rounds`` interleaved rounds on the same batch.
 
-    Interleaving (A B C, A B C, ...) spreads any slow phase of the machine over all methods
-    instead of charging it to whichever ran then; the first, warm-up call of each method
-    is not timed.
+    Interleaving spreads any slow phase of the machine over all methods instead of charging
+    it to whichever ran then, and the order rotates each round (A B C, B C A, ...) so no
+    method always follows the same one. ``warmup`` first runs every method once on the
+    full batch, untimed (pass False when they have just run, e.g. right after evaluation).
     """
-    for m in methods:
-        m.generate(prompts[:2], seeds[:2])
-    times: dict[str, list[float]] = {m.name: [] for m in methods}
-    for r in range(rounds):
+    if warmup:
         for m in methods:
+            m.generate(prompts, seeds)
+    times: dict[str, list[float]] = {m.name: [] for m in methods}
+    n = len(methods)
+    for r in range(rounds):
+        for m in list(methods[r % n:]) + list(methods[: r % n]):
             start = time.perf_counter()
             m.generate(prompts, seeds)
             times[m.name].append((time.perf_counter() - start) / len(prompts))
@@ -240,7 +265,8 @@ def plot_speed_quality(rows: Sequence[dict], path: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path + ".tmp.png", dpi=120)
+    os.replace(path + ".tmp.png", path)
     plt.close(fig)
 
 
@@ -290,6 +316,13 @@ def _train(recipe: str, out: str, overrides: dict[str, Any], progress: bool) -> 
         with open(info_path, encoding="utf-8") as f:
             info = json.load(f)
         if info.get("status") == "finished" and info.get("step", 0) >= cfg.max_steps:
+            from .cli import UserError
+            from .distill.config import config_differences
+
+            diff = config_differences(load_run_config(os.path.join(out, "config.yaml")), cfg)
+            if diff:
+                raise UserError(f"{out} holds a finished run with other settings ({diff}); "
+                                "choose another --out or delete it")
             print(f"{out}: already trained to step {info['step']}, reusing it", file=sys.stderr)
             return
     train(cfg, out, resume=True, progress=progress)
@@ -311,8 +344,11 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
     os.makedirs(out, exist_ok=True)
     t_start = time.time()
     overrides = {**(overrides or {}), "teacher": teacher}
-    if max_steps:
+    if max_steps is not None:
         overrides["max_steps"] = max_steps
+    baselines = {}
+    if not train_baselines:  # check the shipped students before minutes of training, not after
+        baselines = {name: shipped_method(name, teacher, students_dir) for name in BASELINES}
     _train(RMD_RECIPE, os.path.join(out, "rmd"), overrides, progress)
     methods = []
     gen, nfe = teacher_generator(load_teacher(teacher), teacher_steps)
@@ -322,14 +358,14 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
             _train(recipe, os.path.join(out, name), overrides, progress)
             methods.append(run_method(name, os.path.join(out, name)))
         else:
-            methods.append(shipped_method(name, teacher, students_dir))
+            methods.append(baselines[name])
     methods.append(run_method("rmd", os.path.join(out, "rmd")))
 
     eval_set = make_eval_set(num_images, seed)
     results, images = evaluate_rows([Row(m.name, m.generate, m.nfe) for m in methods], evaluator=load_evaluator(),
                                     eval_set=eval_set, return_images=True)
     speed = time_side_by_side(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
-                              progress)
+                              progress, warmup=False)  # evaluation has just run every method
     rows = build_rows(results, methods, speed)
     # the comparison is fair only at equal budgets (generator updates x batch size): say so if not
     rmd_rec = next(m.record for m in methods if m.name == "rmd")
@@ -345,10 +381,20 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
             "timing_batch": timing_batch, "threads": torch.get_num_threads(),
             "wall_seconds": round(time.time() - t_start, 1), "budget_notes": budget_notes}
     with open(os.path.join(out, "report.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(_finite(rows), f, indent=1, allow_nan=False)  # strict JSON: a diverged metric becomes null
     os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
     write_report_md(out, rows, info)
     return rows
+
+
+def _finite(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -368,6 +414,8 @@ def run_demo_command(args: Any) -> None:
 
     if args.num_images < 2:
         raise UserError(f"--num-images must be at least 2 (the Frechet distance fits a covariance), got {args.num_images}")
+    if args.max_steps is not None and args.max_steps < 1:
+        raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
     if args.timing_batch < 1 or args.timing_batch > args.num_images:

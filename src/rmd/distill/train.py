@@ -760,6 +760,11 @@ def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int
 # --- command line ---------------------------------------------------------------------------
 
 
+# keys a recipe defines outside its distill section: resolve() sets them from the recipe
+RECIPE_LEVEL_KEYS = frozenset({"recipe", "description", "backbone", "teacher_guidance_scale", "teacher_steps", "frames",
+                               "schedule", "sampling"})
+
+
 def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
     """``["method_config.gamma=0.5", "batch_size=4"]`` -> ``{"method_config": {"gamma": 0.5}, "batch_size": 4}``.
 
@@ -776,6 +781,9 @@ def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
             raise _user_error(f"--set takes KEY=VALUE (e.g. --set method_config.gamma=0.5), got {item!r}")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "method_config"):
             raise _user_error(f"--set {item!r}: only top-level keys and method_config.KEY can be set")
+        if parts[0] in RECIPE_LEVEL_KEYS or (parts == ["method_config"]):
+            raise _user_error(f"--set {item!r}: {parts[0]} comes from the recipe itself; copy the recipe YAML, "
+                              "edit it and pass it with --config FILE (or set method_config.KEY)")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:

@@ -250,7 +250,9 @@ def write_grid(path: str, images: dict[str, torch.Tensor], per_row: int = 16, sc
             arr = ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
             tile = Image.fromarray(arr).resize((cell, cell), Image.NEAREST)
             canvas.paste(tile, (label_w + c * (cell + pad), y))
-    canvas.save(path)
+    tmp = f"{path}.tmp.png"
+    canvas.save(tmp)
+    os.replace(tmp, path)
 
 
 def run_eval_command(args: argparse.Namespace) -> None:
