@@ -58,8 +58,8 @@ def read_metrics(run: str) -> list[dict]:
 
 
 def recipe_file(tmp_path, teacher: str, **distill) -> str:
-    d = dict(method="rmd", teacher=teacher, lora_rank=4, batch_size=2, max_steps=2, checkpoint_every=1,
-             generator_lr=1e-2, sample_every=0, **distill)
+    d = {**dict(method="rmd", teacher=teacher, lora_rank=4, batch_size=2, max_steps=2, checkpoint_every=1,
+                generator_lr=1e-2, sample_every=0), **distill}
     path = tmp_path / "recipe.yaml"
     path.write_text(
         "name: toy-test\nbackbone: toy\nteacher_guidance_scale: 3.0\nteacher_steps: 50\n"
@@ -313,11 +313,14 @@ def test_config_errors_name_the_key(tmp_path, teacher_dir):
         load_run_config(str(cfg_path))
 
 
-def test_config_resolution(teacher_dir):
+def test_config_resolution(teacher_dir, tmp_path):
     rmd = resolve(load_recipe("toy-rmd"), teacher=teacher_dir)
-    assert rmd.fake_lr == rmd.generator_lr and rmd.method_config.warmup_iters == 50
+    assert rmd.fake_lr == 1e-3 and rmd.method_config.warmup_iters == 50  # the recipe's explicit value
     assert rmd.method_config.guidance_scale == load_recipe("toy-rmd").teacher_guidance_scale
-    tdm = resolve(load_recipe("toy-tdm"), teacher=teacher_dir)
+    # without a fake_lr in the recipe: the generator's, or 5x it for TDM
+    plain = load_run_config(recipe_file(tmp_path, teacher_dir))
+    assert plain.fake_lr == plain.generator_lr
+    tdm = load_run_config(recipe_file(tmp_path, teacher_dir, method="tdm"))
     assert tdm.fake_lr == pytest.approx(5 * tdm.generator_lr) and tdm.method_config.eta == 1.0
     assert resolve(load_recipe("toy-tdm"), teacher=teacher_dir, fake_lr=1e-5).fake_lr == 1e-5
     dmd2 = resolve(load_recipe("toy-dmd2"), teacher=teacher_dir)
