@@ -13,24 +13,14 @@ import torch
 from rmd.cli import UserError, main
 from rmd.demo import REPORT_FIELDS, run_demo, run_method, ship_student, shipped_method
 
-TINY = dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_width=16, text_layers=1)
+from helpers import save_tiny_teacher
+
 SMALL = dict(batch_size=2, lora_rank=4, sample_every=0, num_sample_images=2, checkpoint_every=2)
-
-
-def _tiny_teacher(path: str, seed: int) -> str:
-    from rmd.toy.teacher import TeacherConfig, build_transformer, save_teacher
-    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
-    from rmd.toy.world import vocabulary
-
-    cfg = TeacherConfig(**TINY, seed=seed)
-    tok = ToyTokenizer(vocabulary())
-    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=1)), cfg)
-    return path
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    teacher = _tiny_teacher(str(tmp_path_factory.mktemp("teacher")), seed=0)
+    teacher = save_tiny_teacher(str(tmp_path_factory.mktemp("teacher")), seed=0)
     out = str(tmp_path_factory.mktemp("demo"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -81,7 +71,7 @@ def test_shipped_student_equals_its_run_and_is_tied_to_its_teacher(demo, tmp_pat
         from_run = run_method("dmd2", os.path.join(out, "dmd2"))
         prompts = ["a red circle on the left on a black background"] * 2
         assert torch.equal(shipped.generate(prompts, [3, 4]), from_run.generate(prompts, [3, 4]))
-        other = _tiny_teacher(str(tmp_path / "other"), seed=5)
+        other = save_tiny_teacher(str(tmp_path / "other"), seed=5)
         with pytest.raises(UserError, match="another toy teacher"):
             shipped_method("dmd2", other, students)
     os.remove(os.path.join(students, "dmd2", "record.json"))

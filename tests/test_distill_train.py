@@ -22,7 +22,8 @@ from rmd.distill.train import (LORA_WEIGHT_NAME, checkpoint_name, complete_check
 from rmd.plan import PlanError
 from rmd.recipes import load_recipe
 
-TINY = dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_width=16, text_layers=1)
+from helpers import read_metrics, small
+
 METRIC_KEYS = {"step", "loss_generator", "loss_fake", "stage", "step_index", "dm_norm", "lr", "seconds"}
 
 
@@ -31,30 +32,6 @@ def _quiet():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # peft: "already found a peft_config" (two adapters on purpose)
         yield
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    from rmd.toy.teacher import TeacherConfig, build_transformer, save_teacher
-    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
-    from rmd.toy.world import vocabulary
-
-    cfg = TeacherConfig(**TINY)
-    tok = ToyTokenizer(vocabulary())
-    path = str(tmp_path_factory.mktemp("teacher"))
-    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=1)), cfg)
-    return path
-
-
-def small(recipe: str, teacher: str, **kw):
-    """A recipe's run config shrunk for tests."""
-    opts = dict(teacher=teacher, batch_size=2, lora_rank=4, sample_every=0, num_sample_images=2)
-    return load_run_config(recipe, **{**opts, **kw})
-
-
-def read_metrics(run: str) -> list[dict]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def recipe_file(tmp_path, teacher: str, **distill) -> str:

@@ -5,7 +5,6 @@ head, and the errors for a backbone without real data."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 import warnings
@@ -17,15 +16,13 @@ from rmd.cli import UserError
 from rmd.denoisers import Conditioning, SD3Denoiser
 from rmd.distill import train as train_mod
 from rmd.distill.algorithm import PRESETS, MethodConfig, distill_iteration, generator_extras
-from rmd.distill.config import load_run_config
 from rmd.distill.features import BlockFeatures, DiscriminatorHead, block_index, feature_dim, features
 from rmd.distill.losses import pdm_loss
-from rmd.distill.roles import SharedBase
 from rmd.distill.train import HEADS_FILE, complete_checkpoints, train
 from rmd.plan import make_plan
-from rmd.toy.teacher import TeacherConfig, build_transformer
 
-TINY = dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_width=16, text_layers=1)
+from helpers import perturb, read_metrics, small, tiny_base, toy_batch
+
 
 
 @pytest.fixture(autouse=True)
@@ -54,24 +51,6 @@ def test_pdm_rbf_kernel_by_hand():
     assert pdm_loss(fake, real, c=0.5).tolist() == pytest.approx([math.sqrt(1 + 0.25) - 0.5], rel=1e-6)
 
 
-def tiny_base(layers: int = 3) -> SharedBase:
-    cfg = TeacherConfig(num_layers=layers, attention_head_dim=8, num_attention_heads=2, text_width=16, text_layers=1)
-    return SharedBase(build_transformer(cfg), rank=4)
-
-
-def batch(seed: int = 0, size: int = 32):
-    g = torch.Generator().manual_seed(seed)
-    cond = Conditioning(torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g))
-    return torch.randn(2, 3, size, size, generator=g), torch.tensor([0.3, 0.8]), cond
-
-
-def perturb(base: SharedBase, role: str, seed: int, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in base.parameters(role):
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 def test_block_features_are_the_image_tokens_of_the_chosen_block():
     base = tiny_base(layers=3)
     model = base.model
@@ -79,7 +58,7 @@ def test_block_features_are_the_image_tokens_of_the_chosen_block():
     with pytest.raises(ValueError, match="out of range"):
         block_index(model, 3)
     den = SD3Denoiser(model, vae_scale_factor=1)
-    x, t, cond = batch()
+    x, t, cond = toy_batch(size=32)
     seen = {}
     handle = model.transformer_blocks[1].register_forward_hook(lambda m, a, out: seen.setdefault("out", out))
     with torch.no_grad():
@@ -115,7 +94,7 @@ def setup(gan_weight=1.0, pdm_weight=0.0, checkpointing=False, layers=2):
 
 def run_iteration(base, head, cfg, opt_g, opt_f, seed=7):
     plan = make_plan(2, [16, 32], [-2.0])
-    _, _, cond = batch(seed=1)
+    _, _, cond = toy_batch(size=32, seed=1)
     uncond = Conditioning(torch.zeros(1, 5, 16), torch.zeros(1, 16))
     real = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1
     return distill_iteration(base, lambda: SD3Denoiser(base.model, vae_scale_factor=1), plan, cond, uncond, cfg,
@@ -170,7 +149,7 @@ def test_head_learns_in_the_fake_update_only_and_the_generator_gets_gan_gradient
 def test_generator_extras_reach_the_sample_only():
     base, head, cfg, _, _ = setup(gan_weight=1.0, pdm_weight=1.0)
     den = SD3Denoiser(base.model, vae_scale_factor=1)
-    x, tau, cond = batch(seed=2)
+    x, tau, cond = toy_batch(size=32, seed=2)
     X = x.clone().requires_grad_(True)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
     real = torch.rand(x.shape, generator=torch.Generator().manual_seed(4)) * 2 - 1
@@ -213,7 +192,7 @@ def test_gan_and_pdm_are_exact_under_gradient_checkpointing():
 def test_iteration_errors_without_real_samples_or_head():
     base, head, cfg, opt_g, opt_f = setup(gan_weight=1.0)
     plan = make_plan(2, [32], [])
-    _, _, cond = batch()
+    _, _, cond = toy_batch(size=32)
     with pytest.raises(ValueError, match="real"):
         distill_iteration(base, lambda: SD3Denoiser(base.model, vae_scale_factor=1), plan, cond, cond, cfg, 0, 1,
                           opt_g, opt_f)
@@ -223,29 +202,6 @@ def test_iteration_errors_without_real_samples_or_head():
 
 
 # --- through the trainer ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory) -> str:
-    from rmd.toy.teacher import save_teacher
-    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
-    from rmd.toy.world import vocabulary
-
-    cfg = TeacherConfig(**TINY)
-    tok = ToyTokenizer(vocabulary())
-    path = str(tmp_path_factory.mktemp("teacher"))
-    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=1)), cfg)
-    return path
-
-
-def small(recipe: str, teacher: str, **kw):
-    opts = dict(teacher=teacher, batch_size=2, lora_rank=4, sample_every=0, num_sample_images=2)
-    return load_run_config(recipe, **{**opts, **kw})
-
-
-def read_metrics(run: str) -> list[dict]:
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def test_swd_preset_and_recipe(teacher_dir, tmp_path):

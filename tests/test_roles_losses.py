@@ -9,11 +9,12 @@ import warnings
 import pytest
 import torch
 
-from rmd.denoisers import Conditioning, SD3Denoiser
+from rmd.denoisers import SD3Denoiser
 from rmd.distill.losses import (dm_direction, dm_generator_loss, fake_score_loss, gan_discriminator_loss,
                                 gan_generator_loss, pdm_loss, pseudo_huber, pseudo_huber_c, snr_weight)
 from rmd.distill.roles import SharedBase
-from rmd.toy.teacher import TeacherConfig, build_transformer
+
+from helpers import perturb, tiny_base, toy_batch
 
 # --- losses: hand-computed values -----------------------------------------------------------
 
@@ -130,34 +131,10 @@ def test_dm_gradient_moves_the_generator_to_the_teacher_gaussian():
 
 # --- roles on one shared base ---------------------------------------------------------------
 
-TINY = TeacherConfig(num_layers=2, attention_head_dim=8, num_attention_heads=2, text_width=16, text_layers=1)
-
-
-def tiny_base(rank: int = 4) -> SharedBase:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # peft warns that a second adapter is added on purpose
-        return SharedBase(build_transformer(TINY), rank=rank)
-
-
-def batch(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, 16, 16, generator=g)
-    t = torch.tensor([0.3, 0.8])
-    cond = Conditioning(torch.randn(2, 5, 16, generator=g), torch.randn(2, 16, generator=g))
-    return x, t, cond
-
-
-def perturb(base: SharedBase, role: str, seed: int, scale: float = 0.2) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in base.parameters(role):
-            p.add_(scale * torch.randn(p.shape, generator=g))
-
-
 def test_generator_and_fake_start_equal_to_the_teacher():
     base = tiny_base()
     den = SD3Denoiser(base.model, vae_scale_factor=1)
-    x, t, cond = batch()
+    x, t, cond = toy_batch()
     outs = {}
     with torch.no_grad():
         for role in ("teacher", "generator", "fake"):
@@ -198,7 +175,7 @@ def test_adapter_switching_keeps_lora_trainable():
 def _generator_grads(base: SharedBase, backward_role: str, plain: bool = False) -> list[torch.Tensor]:
     """Build a generator graph, run a fake-score forward in between (as an iteration does), backprop."""
     den = SD3Denoiser(base.model, vae_scale_factor=1)
-    x, t, cond = batch(seed=5)
+    x, t, cond = toy_batch(seed=5)
     for p in base.parameters("generator") + base.parameters("fake"):
         p.grad = None
     base.role("generator")

@@ -101,12 +101,11 @@ def from_model_like(model: torch.nn.Module):
 def run_method(name: str, run_dir: str) -> Method:
     """A method from a finished ``rmd distill`` run folder (its exported generator LoRA)."""
     from .distill.config import load_run_config
-    from .distill.train import LORA_WEIGHT_NAME
+    from .distill.sample_cli import generator_weights
 
+    path, _ = generator_weights(run_dir, "final")  # a clear error if the run has not finished
     cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
-    record = summarise_run(run_dir)
-    path = os.path.join(run_dir, "export", "generator_lora", LORA_WEIGHT_NAME)
-    return _student_method(name, cfg, path, "transformer", "trained in this run", record)
+    return _student_method(name, cfg, path, "transformer", "trained in this run", summarise_run(run_dir, cfg))
 
 
 def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR) -> Method:
@@ -130,22 +129,16 @@ def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str 
                            record)
 
 
-def summarise_run(run_dir: str) -> dict[str, Any]:
-    """The training record of a run folder: budget, wall time, last losses."""
-    with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
-        import yaml
-
-        cfg = yaml.safe_load(f)
-    lines = []
+def summarise_run(run_dir: str, cfg) -> dict[str, Any]:
+    """The training record of a run folder (``cfg``: its loaded config): budget, wall time, last losses."""
     with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
-        for line in f:
-            lines.append(json.loads(line))
-    tail = lines[-20:] if lines else []
+        lines = [json.loads(line) for line in f]
+    tail = lines[-20:]
     return {
-        "recipe": cfg["recipe"],
-        "method": cfg["method"],
+        "recipe": cfg.recipe,
+        "method": cfg.method,
         "generator_updates": lines[-1]["step"] if lines else 0,
-        "batch_size": cfg["batch_size"],
+        "batch_size": cfg.batch_size,
         "train_seconds": round(sum(m["seconds"] for m in lines), 1),
         "loss_generator_last20": statistics.fmean(m["loss_generator"] for m in tail) if tail else None,
         "loss_fake_last20": statistics.fmean(m["loss_fake"] for m in tail) if tail else None,
@@ -159,17 +152,17 @@ def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENT
     refused if the shipped teacher is ever replaced without retraining it.
     """
     from .distill.config import load_run_config
-    from .distill.train import LORA_WEIGHT_NAME
+    from .distill.sample_cli import generator_weights
 
+    lora, _ = generator_weights(run_dir, "final")  # a clear error if the run has not finished
+    cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
     dest = os.path.join(dest_root, name)
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shutil.copy(os.path.join(run_dir, "export", "generator_lora", LORA_WEIGHT_NAME),
-                os.path.join(tmp, "generator_lora.safetensors"))
+    shutil.copy(lora, os.path.join(tmp, "generator_lora.safetensors"))
     shutil.copy(os.path.join(run_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
-    teacher = load_run_config(os.path.join(run_dir, "config.yaml")).teacher
-    record = {**summarise_run(run_dir), "command": command, "teacher_sha256": teacher_fingerprint(teacher)}
+    record = {**summarise_run(run_dir, cfg), "command": command, "teacher_sha256": teacher_fingerprint(cfg.teacher)}
     with open(os.path.join(tmp, "record.json"), "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
     old = dest + ".old"

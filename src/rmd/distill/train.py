@@ -277,24 +277,20 @@ def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced:
                    init_seed=cfg.seed)
     if cfg.gradient_checkpointing:
         backbone.model.enable_gradient_checkpointing()  # safe: SharedBase.backward restores the graph's role
+    from .features import DiscriminatorHead, block_index, feature_dim
+
+    for name, weight, block in (("gan_block", method.gan_weight, method.gan_block),
+                                ("pdm_block", method.pdm_weight, method.pdm_block)):
+        try:
+            if weight > 0:
+                block_index(backbone.model, block)
+        except ValueError as e:
+            raise _user_error(f"method_config.{name}: {e}") from None
     head = None
     if method.gan_weight > 0:
-        from .features import DiscriminatorHead, block_index, feature_dim
-
-        try:
-            block_index(backbone.model, method.gan_block)
-            head = DiscriminatorHead(feature_dim(backbone.model), method.gan_hidden, seed=cfg.seed)
-        except ValueError as e:
-            raise _user_error(f"method_config.gan_block: {e}") from None
+        head = DiscriminatorHead(feature_dim(backbone.model), method.gan_hidden, seed=cfg.seed)
         if isinstance(base, SyncedSharedBase):
             base.extra["fake"] = list(head.parameters())  # trained in the fake backward: averaged with it
-    if method.pdm_weight > 0:
-        from .features import block_index
-
-        try:
-            block_index(backbone.model, method.pdm_block)
-        except ValueError as e:
-            raise _user_error(f"method_config.pdm_block: {e}") from None
     if device is not None:
         backbone.to(device)
         if head is not None:
