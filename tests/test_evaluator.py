@@ -181,3 +181,21 @@ def test_training_is_reproducible_from_the_seed(tmp_path):
                            states[0]["degraded.weight"])
     with pytest.raises(FileNotFoundError, match="python -m rmd.toy.evaluator"):
         load_evaluator(str(tmp_path / "missing"))
+
+
+def test_alignment_standard_error_is_over_images():
+    # four scenes; the readings get 6/6, 6/6, 3/6 and 0/6 attributes right: per-image alignment
+    # (1, 1, .5, 0), mean .625, sample std sqrt(((.375^2)*2 + .125^2 + .625^2) / 3), s.e. = std / 2
+    scenes = world.sample_scenes(4, seed=3)
+    truth = {name: torch.tensor([s.labels()[name] for s in scenes]) for name in world.ATTRIBUTES}
+    wrong = {name: (v + 1) % len(world.ATTRIBUTES[name]) for name, v in truth.items()}
+    labels = {}
+    for j, name in enumerate(world.ATTRIBUTES):
+        labels[name] = torch.stack([truth[name][0], truth[name][1], truth[name][2] if j < 3 else wrong[name][2],
+                                    wrong[name][3]])
+    from rmd.toy.evaluator import Readout
+
+    acc = attribute_accuracy(Readout(labels, torch.zeros(4), torch.zeros(4, 2)), scenes)
+    assert acc["alignment"] == pytest.approx(0.625)
+    std = math.sqrt((2 * 0.375**2 + 0.125**2 + 0.625**2) / 3)
+    assert acc["alignment_se"] == pytest.approx(std / 2, rel=1e-6)

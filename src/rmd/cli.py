@@ -197,6 +197,20 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)
 
+    ab = sub.add_parser("ablate", help="reproduce one of the paper's ablations on the toy (train, evaluate, time; "
+                                       "table and plot)")
+    ab.add_argument("study", nargs="?", help="warmup, gamma, tau, table3, split or stages3 (see --list)")
+    ab.add_argument("--list", action="store_true", help="list the studies and their arms")
+    ab.add_argument("--out", default="rmd-ablations", help="output folder, shared by all studies (default: "
+                                                          "./rmd-ablations)")
+    ab.add_argument("--num-images", type=int, default=256, help="evaluation images per arm")
+    ab.add_argument("--seed", type=int, default=0, help="evaluation set seed")
+    ab.add_argument("--max-steps", type=int, default=None, help="generator updates (default: the recipes')")
+    ab.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    ab.add_argument("--timing-batch", type=int, default=32, help="images per arm and timing round")
+    ab.add_argument("--quiet", action="store_true", help="no progress bars")
+    ab.set_defaults(func=_cmd_ablate)
+
     ss = toy_sub.add_parser("ship-student", help="(maintainers) copy a finished toy run into the package as a "
                                                  "shipped demo baseline")
     ss.add_argument("--run", required=True)
@@ -204,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--command-line", default=None, help="the command that trained the run (for the record)")
     ss.set_defaults(func=_cmd_ship_student)
     return p
+
+
+def _cmd_ablate(args: argparse.Namespace) -> None:
+    from .ablate import run_ablate_command
+
+    run_ablate_command(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -228,6 +228,7 @@ def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[s
             "seconds_per_image": s,
             "speedup_vs_teacher": teacher_s / s,
             "speedup_vs_4step": (four_s / s) if four_s else None,
+            "alignment_se": r["alignment_se"],
             "alignment_heldout": r["alignment_heldout"],
             "per_attribute": r["per_attribute"],
             "num_images": r["num_images"],
@@ -301,9 +302,15 @@ def write_report_md(out: str, rows: Sequence[dict], info: dict[str, Any]) -> str
 
 def _train(recipe: str, out: str, overrides: dict[str, Any], progress: bool) -> None:
     from .distill.config import load_run_config
+
+    train_config(load_run_config(recipe, **overrides), out, progress)
+
+
+def train_config(cfg, out: str, progress: bool) -> None:
+    """Train ``cfg`` into ``out``: resume an unfinished run, reuse a finished one only if its settings are equal."""
+    from .distill.config import load_run_config
     from .distill.train import train
 
-    cfg = load_run_config(recipe, **overrides)
     info_path = os.path.join(out, "run.json")
     if os.path.isfile(info_path):
         with open(info_path, encoding="utf-8") as f:

@@ -33,9 +33,11 @@ LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 def attribute_accuracy(readout: Readout, scenes: Sequence[Scene]) -> dict:
     """Per-attribute accuracy of the evaluator's reading against the asked scenes.
 
-    Returns ``{"alignment", "per_attribute": {name: acc}, "alignment_heldout", "num_heldout"}``;
-    ``alignment`` = mean over images and attributes of [read == asked]; ``alignment_heldout`` is
-    the same over the images whose (shape, colour) pair is held out of training (None if none).
+    Returns ``{"alignment", "alignment_se", "per_attribute": {name: acc}, "alignment_heldout",
+    "num_heldout"}``; ``alignment`` = mean over images and attributes of [read == asked];
+    ``alignment_se`` is its standard error over images (the attributes of one image are not
+    independent, so the image is the unit); ``alignment_heldout`` is the same over the images
+    whose (shape, colour) pair is held out of training (None if none).
     """
     n = len(scenes)
     if n == 0 or any(len(v) != n for v in readout.labels.values()):
@@ -46,6 +48,7 @@ def attribute_accuracy(readout: Readout, scenes: Sequence[Scene]) -> dict:
     held = torch.tensor([s.held_out for s in scenes])
     return {
         "alignment": hits.mean().item(),
+        "alignment_se": (hits.mean(dim=1).std() / n ** 0.5).item() if n > 1 else float("nan"),
         "per_attribute": {name: hits[:, j].mean().item() for j, name in enumerate(ATTRIBUTES)},
         "alignment_heldout": hits[held].mean().item() if held.any() else None,
         "num_heldout": int(held.sum()),
@@ -132,6 +135,7 @@ def compute_metrics(generated: torch.Tensor, readout: Readout, scenes: Sequence[
     acc = attribute_accuracy(readout, scenes)
     return {
         "alignment": acc["alignment"],
+        "alignment_se": acc["alignment_se"],
         "fd": feature_fd(readout.features, real_readout.features),
         "detail": detail_score(generated, real, size),
         "degraded_rate": degraded_rate(readout),
