@@ -164,7 +164,7 @@ def run_study(name: str, out: str, num_images: int = 256, seed: int = 0, max_ste
               rounds: int = 3, timing_batch: int = 32, progress: bool = True,
               teacher: Optional[str] = None, overrides: Optional[dict[str, Any]] = None) -> list[dict]:
     """Train (or reuse), evaluate and time every arm of study ``name``; returns the rows (also written)."""
-    from .demo import plot_speed_quality, run_method, time_side_by_side, train_config
+    from .demo import run_method, time_side_by_side, train_config
     from .toy.evaluate import Row, evaluate_rows, make_eval_set, write_grid
     from .toy.evaluator import load_evaluator
 
