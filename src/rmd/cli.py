@@ -211,6 +211,18 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
     ab.set_defaults(func=_cmd_ablate)
 
+    bn = sub.add_parser("bench", help="time the teacher, the N-step student and the cascades side by side "
+                                      "(speedups, ideal speedups, efficiency, sampler overhead)")
+    bn.add_argument("--tiny", choices=["sdxl", "pixart", "sd3", "wan"], default=None,
+                    help="benchmark a tiny random instance of this diffusers family instead of the toy teacher")
+    bn.add_argument("--batch", type=int, default=32, help="images per sampler call")
+    bn.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
+    bn.add_argument("--teacher-steps", type=int, default=50, help="teacher sampling steps (guided)")
+    bn.add_argument("--out", default=None, help="also write the rows and the settings to this JSON file")
+    bn.add_argument("--json", action="store_true", help="print the rows as JSON")
+    bn.add_argument("--quiet", action="store_true")
+    bn.set_defaults(func=_cmd_bench)
+
     ss = toy_sub.add_parser("ship-student", help="(maintainers) copy a finished toy run into the package as a "
                                                  "shipped demo baseline")
     ss.add_argument("--run", required=True)
@@ -218,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--command-line", default=None, help="the command that trained the run (for the record)")
     ss.set_defaults(func=_cmd_ship_student)
     return p
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from .bench import run_bench_command
+
+    run_bench_command(args)
 
 
 def _cmd_ablate(args: argparse.Namespace) -> None:
