@@ -114,11 +114,33 @@ class StepLosses:
     loss_gan_generator: Optional[float] = None  # set when gan_weight > 0
     loss_gan_discriminator: Optional[float] = None
     loss_pdm: Optional[float] = None  # set when pdm_weight > 0
+    skipped_generator: bool = False  # the generator update was skipped: non-finite loss or gradient
+    skipped_fake: int = 0  # fake-score updates skipped for the same reason
+
+    @property
+    def faulty(self) -> bool:
+        return self.skipped_generator or self.skipped_fake > 0
 
     def extras(self) -> dict[str, float]:
         """The optional losses that were computed, by name."""
         names = ("loss_gan_generator", "loss_gan_discriminator", "loss_pdm")
         return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+
+def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Parameter], loss: torch.Tensor,
+                 grad_clip: float) -> bool:
+    """Clip and apply the update unless the loss or the gradient norm is not finite; True if applied.
+
+    A skipped update leaves weights and optimiser state untouched (Adam's moments would carry
+    a NaN forever). Across processes the gradients were already averaged, so a NaN on any rank
+    reaches every rank's norm and all ranks skip together.
+    """
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if not (torch.isfinite(norm) and torch.isfinite(loss.detach()).all()):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
 
 
 def pick_stage_and_step(plan: StagePlan, cfg: MethodConfig, iteration: int, rng: random.Random) -> tuple[int, int]:
@@ -298,12 +320,12 @@ def distill_iteration(
         loss_g = loss_g + (X.float() * grad_x).sum()
     opt_generator.zero_grad(set_to_none=True)
     base.backward(loss_g, "generator")
-    torch.nn.utils.clip_grad_norm_(base.parameters("generator"), grad_clip)
-    opt_generator.step()
+    skipped_generator = not guarded_step(opt_generator, base.parameters("generator"), loss_g, grad_clip)
 
     # --- fake-score updates (Eq. 9), with the discriminator head's classifier loss when the GAN is on ---
     fake_params = base.parameters("fake") + (list(head.parameters()) if gan else [])
     fake_losses, disc_losses = [], []
+    skipped_fake = 0
     X_fake = X.detach()
     for j in range(cfg.fake_updates):
         if j > 0:  # later updates see fresh generator samples, as in DMD2
@@ -326,9 +348,9 @@ def distill_iteration(
             x0_pred, _ = den(x_t, tau_f, cond)
         loss_f = fake_score_loss(x0_pred, X_fake, tau_f, cfg.snr_clip).mean()
         opt_fake.zero_grad(set_to_none=True)
-        base.backward(loss_f + cfg.gan_disc_weight * loss_d if gan else loss_f, "fake")
-        torch.nn.utils.clip_grad_norm_(fake_params, grad_clip)
-        opt_fake.step()
+        total_f = loss_f + cfg.gan_disc_weight * loss_d if gan else loss_f
+        base.backward(total_f, "fake")
+        skipped_fake += not guarded_step(opt_fake, fake_params, total_f, grad_clip)
         fake_losses.append(loss_f.item())
         if gan:
             disc_losses.append(loss_d.item())
@@ -336,4 +358,5 @@ def distill_iteration(
     if disc_losses:
         logs["loss_gan_discriminator"] = sum(disc_losses) / len(disc_losses)
     return StepLosses(loss_g.item() if loss_g_value is None else loss_g_value, sum(fake_losses) / len(fake_losses),
-                      stage, step, float(direction.flatten(1).norm(dim=1).mean()), **logs)
+                      stage, step, float(direction.flatten(1).norm(dim=1).mean()), **logs,
+                      skipped_generator=skipped_generator, skipped_fake=skipped_fake)

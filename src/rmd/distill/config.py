@@ -26,7 +26,8 @@ from .algorithm import PRESETS, MethodConfig
 
 # Settings that only say how long to run and how often to write: a run may be resumed with
 # other values. Everything else changes the numbers, so a resume refuses a mismatch.
-LOGISTIC_KEYS = frozenset({"max_steps", "checkpoint_every", "keep_last", "sample_every", "num_sample_images"})
+LOGISTIC_KEYS = frozenset({"max_steps", "checkpoint_every", "keep_last", "sample_every", "num_sample_images",
+                           "max_bad_steps"})
 
 
 class RunConfig(DistillConfig):

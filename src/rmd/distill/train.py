@@ -56,6 +56,8 @@ import os
 import random
 import re
 import shutil
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -67,7 +69,7 @@ from torch import nn
 from ..denoisers import CFGDenoiser, Conditioning, Denoiser, SizeError, from_model
 from ..plan import PlanError
 from .algorithm import MethodConfig, distill_iteration
-from .config import RunConfig, config_differences, load_run_config, write_config
+from .config import LOGISTIC_KEYS, RunConfig, config_differences, load_run_config, write_config
 from .roles import SharedBase
 
 CHECKPOINTS = "checkpoints"
@@ -389,8 +391,20 @@ def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.opti
     state = {"step": step, "rng": "none needed: iteration i on rank r draws only from (seed, i, r)", **extra}
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:  # written last
         json.dump(state, f, indent=1)
+    _fsync_tree(tmp)  # the rename below must not reach the disk before the files it publishes
     _replace_dir(tmp, final)
     return final
+
+
+def _fsync_tree(folder: str) -> None:
+    for name in os.listdir(folder):
+        with open(os.path.join(folder, name), "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prune_checkpoints(run_dir: str, keep_last: int) -> None:
@@ -529,6 +543,7 @@ class TrainResult:
     final_step: int
     metrics: list[dict[str, Any]]  # the lines written by this call (rank 0; empty elsewhere)
     exports: dict[str, str]
+    stopped: Optional[str] = None  # "SIGTERM" (or the signal's name) when a signal ended the run early
 
 
 def iteration_rng(seed: int, iteration: int, rank: int) -> random.Random:
@@ -595,7 +610,7 @@ def _decide_start(out: str, cfg: RunConfig, resume: bool) -> tuple[int, Optional
     diff = config_differences(old, cfg)
     if diff:
         return 0, None, (f"cannot resume {out}: the config differs from its checkpoint in {diff}; only "
-                         "max_steps, checkpoint_every, keep_last, sample_every and num_sample_images may change")
+                         f"{', '.join(sorted(LOGISTIC_KEYS))} may change")
     if step > cfg.max_steps:
         return 0, None, f"cannot resume {out}: its checkpoint is at step {step}, beyond --max-steps {cfg.max_steps}"
     return step, path, None
@@ -671,6 +686,25 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
         metrics_file = open(metrics_path, "a", encoding="utf-8")
     sample_prompts = bb.sample_prompts(cfg.num_sample_images)
     logged: list[dict[str, Any]] = []
+    bad_streak, bad_total, stopped = 0, 0, None
+    last_saved = start
+    received: list[int] = []
+    previous_handler = None
+    if threading.current_thread() is threading.main_thread():
+        # what schedulers send before they kill: finish the iteration, save, exit cleanly
+        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+
+    def checkpoint(step: int, line: dict[str, Any]) -> None:
+        sums = gather_object([lora_checksum(student.trained_params())]) if world > 1 else \
+            [lora_checksum(student.trained_params())]
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
+        if is_main:
+            save_checkpoint(out, step, student, opt_g, opt_f, {"world_size": world, "rank_checksums": sums,
+                                                               "metrics": line})
+            prune_checkpoints(out, cfg.keep_last)
+        acc.wait_for_everyone()
+
     bar = tqdm(total=cfg.max_steps, initial=start, desc=f"distill {cfg.method}", disable=not (progress and is_main),
                dynamic_ncols=True)
     try:
@@ -704,6 +738,11 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             if world > 1:  # losses above are rank means; stage / step_index are rank 0's draw
                 line["loss_generator_per_rank"] = every[:, 0].tolist()
                 line["loss_fake_per_rank"] = every[:, 1].tolist()
+            # gradients are averaged before the finiteness check, so every rank skips the same updates
+            bad_streak = bad_streak + 1 if res.faulty else 0
+            bad_total += res.faulty
+            line.update(skipped_generator=int(res.skipped_generator), skipped_fake=res.skipped_fake,
+                        faulty_iterations=bad_total)
             if is_main:
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
@@ -715,25 +754,46 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 logged.append(line)
                 if cfg.sample_every and step % cfg.sample_every == 0:
                     _write_samples(out, student, sample_prompts, step, writer)
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-                sums = gather_object([lora_checksum(student.trained_params())]) if world > 1 else \
-                    [lora_checksum(student.trained_params())]
-                if len(set(sums)) > 1:
-                    raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
+            if res.faulty and is_main:
+                bar.write(f"step {step}: non-finite loss or gradient, update skipped "
+                          f"({bad_streak} in a row, {bad_total} in this run)")
+            if bad_streak >= cfg.max_bad_steps:
                 if is_main:
-                    save_checkpoint(out, step, student, opt_g, opt_f,
-                                    {"world_size": world, "rank_checksums": sums, "metrics": line})
-                    prune_checkpoints(out, cfg.keep_last)
-                acc.wait_for_everyone()
+                    _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "failed", last_saved))
+                latest = latest_checkpoint(out)
+                kept = f"the last good checkpoint is {latest[1]}" if latest else "no checkpoint was written yet"
+                raise _user_error(
+                    f"training stopped at step {step}: {bad_streak} iterations in a row had a non-finite loss or "
+                    f"gradient (their updates were skipped); {kept}. Try a lower generator_lr / fake_lr, "
+                    "mixed_precision: no, or a larger max_bad_steps; then continue with --resume")
+            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
+                checkpoint(step, line)
+                last_saved = step
             if on_step is not None:
                 on_step(line)
+            signalled = torch.tensor([float(bool(received))], device=acc.device)
+            if world > 1:  # a signal reaching only some ranks still stops all of them at the same step
+                torch.distributed.all_reduce(signalled, op=torch.distributed.ReduceOp.MAX)
+            if signalled.item() > 0 and step < cfg.max_steps:
+                if last_saved != step:
+                    checkpoint(step, line)
+                    last_saved = step
+                stopped = signal.Signals(received[0]).name if received else "signal on another rank"
+                break
     finally:
         bar.close()
         if metrics_file is not None:
             metrics_file.close()
         if writer is not None:
             writer.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
 
+    if stopped is not None:
+        if is_main:
+            _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "stopped", last_saved))
+        acc.wait_for_everyone()
+        return TrainResult(out, start, last_saved, logged, {}, stopped)
     final = max(start, cfg.max_steps)
     exports: dict[str, str] = {}
     if is_main:
@@ -810,7 +870,10 @@ def run_distill_command(args: Any) -> None:
                                         ("teacher", args.teacher)) if v is not None})
     cfg = load_run_config(source, **overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    if result.metrics:
+    if result.stopped:
+        print(f"stopped by {result.stopped} at step {result.final_step} after writing a checkpoint; continue with "
+              f"`rmd distill --out {args.out} --resume`")
+    elif result.metrics:
         last = result.metrics[-1]
         print(f"distilled {cfg.method} steps {result.start_step}..{result.final_step}: loss_generator "
               f"{last['loss_generator']:.4g}, loss_fake {last['loss_fake']:.4g}; run folder {result.out_dir}")

@@ -100,6 +100,8 @@ class DistillConfig(BaseModel):
     sample_every: int = Field(100, ge=0, description="write a sample grid every K iterations (0: never)")
     num_sample_images: int = Field(8, ge=1)
     seed: int = Field(0, ge=0)
+    max_bad_steps: int = Field(20, ge=1, description="iterations in a row with a non-finite loss or gradient "
+                               "(updates skipped) before training stops")
     mixed_precision: Literal["no", "bf16"] = "no"
     gradient_checkpointing: bool = False
 
