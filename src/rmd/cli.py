@@ -73,7 +73,7 @@ def _cmd_toy_train_evaluator(args: argparse.Namespace) -> None:
     from .toy.evaluator import EvaluatorConfig, train_evaluator
 
     overrides = {k: v for k, v in (("steps", args.steps), ("seed", args.seed)) if v is not None}
-    record = train_evaluator(EvaluatorConfig(**overrides), args.out, command=" ".join(["rmd"] + sys.argv[1:]))
+    train_evaluator(EvaluatorConfig(**overrides), args.out, command=" ".join(["rmd"] + sys.argv[1:]))
     print(f"evaluator written to {args.out}")
 
 
@@ -117,6 +117,8 @@ def _add_distill_parsers(sub) -> None:
     d.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K iterations")
     d.add_argument("--teacher", help="teacher model folder (overrides the config)")
     d.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    d.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (its checkpoints, metrics, exports) and start again")
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config value, e.g. --set method_config.gamma=0.5 --set batch_size=4 (repeatable)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -124,8 +126,12 @@ def _add_distill_parsers(sub) -> None:
 
     s = sub.add_parser("sample", help="sample a distilled generator from a run folder")
     s.add_argument("--run", required=True, help="a run folder written by `rmd distill`")
-    s.add_argument("--prompt", required=True)
-    s.add_argument("--out", required=True, help="output PNG (a grid when --num-images > 1)")
+    s.add_argument("--prompt", default=None, help="one prompt (see also --prompts)")
+    s.add_argument("--prompts", default=None, help="a prompt file: .txt (one per line), .jsonl ({\"prompt\", "
+                                                   "\"seed\"}) or .csv (prompt[,seed] columns)")
+    s.add_argument("--out", required=True, help="output PNG with --prompt (a grid when --num-images > 1); a "
+                                                "folder with --prompts (NNNNNN.png + NNNNNN.json per prompt)")
+    s.add_argument("--batch-size", type=int, default=16, help="images per sampler call with --prompts")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, ...")
     s.add_argument("--checkpoint", default=None,
@@ -244,11 +250,21 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     run_ablate_command(args)
 
 
+def _quiet_libraries() -> None:
+    """The libraries' own bars (loading and writing weights) would bury ours and the error messages."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .plan import PlanError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_libraries()
     try:
         args.func(args)
     except (UserError, PlanError) as err:

@@ -65,21 +65,87 @@ def sample_run(run_dir: str, prompts: Sequence[str], seeds: Sequence[int], check
     return sample_images(load_run(run_dir, checkpoint, device), prompts, seeds)
 
 
-def run_sample_command(args: Any) -> None:
-    """``rmd sample --run DIR --prompt TEXT --out FILE.png [--seed S] [--num-images N] [--checkpoint C]``.
-
-    ``C`` is ``final`` (the export), ``latest`` (the newest checkpoint) or a step number.
-    """
-    if not args.out.lower().endswith(".png"):
-        raise _user_error(f"--out must be a .png file, got {args.out!r}")
-    if args.num_images < 1:
-        raise _user_error("--num-images must be at least 1")
-    device: Optional[str] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seeds = [args.seed + i for i in range(args.num_images)]
+def _check_writable(folder: str, flag: str) -> None:
     try:
-        images = sample_run(args.run, [args.prompt] * len(seeds), seeds, args.checkpoint, device)
-    except ValueError as e:  # e.g. a prompt the toy tokenizer cannot take
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise _user_error(f"{flag} {folder!r} is not a writable folder ({e.strerror}); choose another") from None
+
+
+def run_sample_command(args: Any) -> None:
+    """``rmd sample --run DIR (--prompt TEXT --out FILE.png | --prompts FILE --out DIR) [--seed S] ...``.
+
+    With ``--prompt``: one PNG (a grid of ``--num-images`` seeds S, S+1, ...). With ``--prompts``
+    (a .txt, .jsonl or .csv file, :mod:`rmd.prompts`): one PNG and one metadata JSON per prompt
+    in the folder ``--out``, seed = the file's or S + index. Under ``torchrun`` each of the N
+    processes takes every N-th prompt; per-image seeds make the images the same for any N.
+    ``--checkpoint`` is ``final`` (the export), ``latest`` (the newest checkpoint) or a step number.
+    """
+    import json
+
+    from ..prompts import PromptFileError, read_prompt_file, seeds_for
+
+    if (args.prompt is None) == (args.prompts is None):
+        raise _user_error("give --prompt TEXT (one image or a grid) or --prompts FILE (one image per prompt)")
+    if args.num_images < 1 or args.batch_size < 1:
+        raise _user_error("--num-images and --batch-size must be at least 1")
+    if args.seed < 0:
+        raise _user_error(f"--seed must be a non-negative integer, got {args.seed}")
+    if not os.path.isdir(args.run):
+        raise _user_error(f"--run {args.run!r} is not a folder; give the --out folder of a `rmd distill` run")
+    device: Optional[str] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.prompt is not None:
+        if not args.out.lower().endswith(".png"):
+            raise _user_error(f"--out must be a .png file with --prompt, got {args.out!r}")
+        _check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
+        seeds = [args.seed + i for i in range(args.num_images)]
+        try:
+            images = sample_run(args.run, [args.prompt] * len(seeds), seeds, args.checkpoint, device)
+        except ValueError as e:  # e.g. a prompt the toy tokenizer cannot take
+            raise _user_error(str(e)) from None
+        image_grid(images).save(args.out)
+        print(f"wrote {args.out} ({len(seeds)} image(s), seeds {seeds[0]}..{seeds[-1]})")
+        return
+
+    try:  # everything about the file is checked before a model is loaded
+        pf = read_prompt_file(args.prompts)
+    except PromptFileError as e:
         raise _user_error(str(e)) from None
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    image_grid(images).save(args.out)
-    print(f"wrote {args.out} ({len(seeds)} image(s), seeds {seeds[0]}..{seeds[-1]})")
+    if args.out.lower().endswith(".png"):
+        raise _user_error(f"with --prompts, --out is a folder (one PNG + JSON per prompt), got {args.out!r}")
+    _check_writable(args.out, "--out")
+    seeds = seeds_for(pf.entries, args.seed)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    mine = list(range(rank, len(pf.entries), world))
+    student = load_run(args.run, args.checkpoint, device)
+    try:  # the tokenizer's own limits, for all prompts at once, before any image is made
+        student.backbone.encode([pf.entries[i].text for i in mine] or [""])
+    except ValueError:
+        for i in mine:  # name the first prompt it refuses, by its line in the file
+            try:
+                student.backbone.encode([pf.entries[i].text])
+            except ValueError as e:
+                raise _user_error(f"{args.prompts}, line {pf.entries[i].line}: {e}") from None
+        raise
+    written = 0
+    for start in range(0, len(mine), args.batch_size):
+        chunk = mine[start: start + args.batch_size]
+        images = sample_images(student, [pf.entries[i].text for i in chunk], [seeds[i] for i in chunk])
+        for i, img in zip(chunk, images):
+            stem = os.path.join(args.out, f"{i:06d}")
+            image_grid(img[None]).save(stem + ".png.tmp", format="PNG")
+            os.replace(stem + ".png.tmp", stem + ".png")
+            meta = {"index": i, "prompt": pf.entries[i].text, "seed": seeds[i], "line": pf.entries[i].line,
+                    "run": os.path.abspath(args.run), "checkpoint": args.checkpoint or "default",
+                    "recipe": student.cfg.recipe, "method": student.cfg.method,
+                    "plan": [f"{st.size[0]}x{st.size[1]}" for st in student.cfg.plan().steps],
+                    "sampling": student.cfg.sampling.model_dump()}
+            with open(stem + ".json", "w", encoding="utf-8") as f:
+                json.dump(meta, f, indent=1)
+            written += 1
+    skipped = f"; {pf.blank_lines} blank line(s) skipped" if pf.blank_lines else ""
+    part = f" (process {rank} of {world})" if world > 1 else ""
+    print(f"wrote {written} image(s) with metadata to {args.out}{part}{skipped}")

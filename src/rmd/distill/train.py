@@ -133,7 +133,7 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
 
     try:
         teacher = load_teacher(cfg.teacher)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:  # missing components, wrong class, wrong channel count
         raise _user_error(str(e)) from None
     model = teacher.transformer
 
@@ -268,6 +268,12 @@ def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced:
     """Teacher network + generator and fake LoRA adapters (B = 0: both start as the teacher)."""
     backbone = build_backbone(cfg)
     method = cfg.method_config
+    den = backbone.make_denoiser()
+    for size in dict.fromkeys(step.size for step in cfg.plan().steps):
+        try:
+            den.check_size(size, cfg.frames)
+        except ValueError as e:  # rmd.denoisers.SizeError names the sizes that would work
+            raise _user_error(f"schedule.resolutions: {e}") from None
     if method.needs_real and backbone.train_batch is None:
         raise _user_error(f"method_config.gan_weight / pdm_weight > 0 compare with real images, but backbone "
                           f"{backbone.name!r} provides none (Backbone.train_batch); set both weights to 0 or give "
@@ -601,7 +607,8 @@ def _decide_start(out: str, cfg: RunConfig, resume: bool) -> tuple[int, Optional
     has_run = latest is not None or os.path.exists(os.path.join(out, "metrics.jsonl"))
     if not resume:
         if has_run:
-            return 0, None, (f"{out} already holds a run; pass --resume to continue it, or choose another --out")
+            return 0, None, (f"{out} already holds a run; pass --resume to continue it, --overwrite to start it "
+                             "again (its checkpoints are deleted), or choose another --out")
         return 0, None, None
     if latest is None:
         return 0, None, None  # nothing to resume: start from step 0
@@ -821,6 +828,32 @@ RECIPE_LEVEL_KEYS = frozenset({"recipe", "description", "backbone", "teacher_gui
                                "schedule", "sampling"})
 
 
+RUN_ARTIFACTS = ("config.yaml", "run.json", "metrics.jsonl", "tensorboard", "samples", CHECKPOINTS, "export")
+
+
+def _check_out_folder(out: str) -> None:
+    """A clear error now, not a traceback after minutes of loading, when ``out`` cannot be written."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise _user_error(f"--out {out!r} is a file; give a folder for the run")
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise _user_error(f"--out {out!r} is not writable ({e.strerror}); choose another folder") from None
+
+
+def remove_run(out: str) -> None:
+    """Delete the files a run wrote into ``out`` (only those: anything else the user keeps there stays)."""
+    for name in RUN_ARTIFACTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path):
+            _remove_tree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+
+
 def parse_set_options(items: Sequence[str]) -> dict[str, Any]:
     """``["method_config.gamma=0.5", "batch_size=4"]`` -> ``{"method_config": {"gamma": 0.5}, "batch_size": 4}``.
 
@@ -865,10 +898,15 @@ def run_distill_command(args: Any) -> None:
         source = own
     if args.config and not os.path.isfile(args.config):
         raise _user_error(f"--config {args.config!r}: no such file")
+    if getattr(args, "overwrite", False) and args.resume:
+        raise _user_error("--overwrite starts the run again from step 0 and --resume continues it: give one of them")
+    _check_out_folder(args.out)
     overrides = parse_set_options(getattr(args, "set", None) or [])
     overrides.update({k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
                                         ("teacher", args.teacher)) if v is not None})
     cfg = load_run_config(source, **overrides)
+    if getattr(args, "overwrite", False):
+        remove_run(args.out)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
     if result.stopped:
         print(f"stopped by {result.stopped} at step {result.final_step} after writing a checkpoint; continue with "

@@ -141,6 +141,15 @@ def load_teacher(path: Optional[str] = None, device: str = "cpu") -> ToyTeacher:
             f"toy teacher folder {path!r} lacks {missing}; train one with `rmd toy train-teacher --out DIR` "
             "or reinstall the package to restore the shipped teacher"
         )
+    with open(os.path.join(path, "transformer", "config.json")) as f:
+        tcfg = json.load(f)
+    if tcfg.get("_class_name") != "SD3Transformer2DModel":
+        raise ValueError(f"{path}/transformer holds a {tcfg.get('_class_name')!r}; a toy teacher's transformer is an "
+                         "SD3Transformer2DModel (rectified flow). Point --teacher at a folder `rmd toy train-teacher` "
+                         "wrote")
+    if (tcfg.get("in_channels"), tcfg.get("out_channels")) != (3, 3):
+        raise ValueError(f"{path}/transformer has {tcfg.get('in_channels')} input / {tcfg.get('out_channels')} output "
+                         "channels; the toy works in RGB pixel space (3 and 3). Point --teacher at a toy teacher folder")
     with open(os.path.join(path, "toy_config.json")) as f:
         cfg = TeacherConfig(**json.load(f))
     transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, "transformer"), local_files_only=True)
