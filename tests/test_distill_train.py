@@ -245,6 +245,35 @@ def test_sample_command(trained_run, tmp_path, capsys):
     assert "config.yaml" in capsys.readouterr().err
 
 
+def test_sample_prompt_file_per_image_files_and_process_split(trained_run, tmp_path, capsys, monkeypatch):
+    """--prompts: one PNG + JSON per prompt, seeds from the file or --seed + index, and the same
+    images whether one process writes them all or two processes (RANK / WORLD_SIZE) split them."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a red circle on the left , black background", "seed": 11}\n\n'
+                       '{"prompt": "two blue squares at the top , white background"}\n'
+                       '{"prompt": "a green triangle in the middle , gray background"}\n')
+    one = tmp_path / "one"
+    assert main(["sample", "--run", trained_run, "--prompts", str(prompts), "--out", str(one), "--seed", "5",
+                 "--batch-size", "2"]) == 0
+    assert "1 blank line(s) skipped" in capsys.readouterr().out
+    metas = [json.load(open(one / f"{i:06d}.json")) for i in range(3)]
+    assert [m["seed"] for m in metas] == [11, 6, 7] and [m["line"] for m in metas] == [1, 3, 4]
+    two = tmp_path / "two"
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert main(["sample", "--run", trained_run, "--prompts", str(prompts), "--out", str(two), "--seed", "5"]) == 0
+    for i in range(3):
+        a = torch.tensor(list(Image.open(one / f"{i:06d}.png").getdata()))
+        b = torch.tensor(list(Image.open(two / f"{i:06d}.png").getdata()))
+        assert torch.equal(a, b)
+    from rmd.distill.sample_cli import sample_run
+
+    want = image_grid(sample_run(trained_run, [metas[1]["prompt"]], [6]))
+    assert torch.equal(torch.tensor(list(Image.open(one / "000001.png").getdata())),
+                       torch.tensor(list(want.getdata())))
+
+
 def test_distill_command_errors(teacher_dir, tmp_path, capsys):
     assert main(["distill", "--out", str(tmp_path / "r")]) == 2
     assert "--recipe" in capsys.readouterr().err
@@ -399,3 +428,16 @@ def test_set_options_override_single_values(tmp_path, teacher_dir, capsys):
         assert main(args) == 2
         assert words in capsys.readouterr().err
     assert not os.path.exists(os.path.join(out, "metrics.jsonl"))  # rejected before any work
+
+
+def test_overwrite_starts_again_and_keeps_foreign_files(teacher_dir, tmp_path):
+    run = tmp_path / "run"
+    cfg = recipe_file(tmp_path, teacher_dir)
+    assert main(["distill", "--config", cfg, "--out", str(run), "--max-steps", "2", "--quiet"]) == 0
+    (run / "notes.txt").write_text("mine")
+    first = read_metrics(str(run))
+    assert main(["distill", "--config", cfg, "--out", str(run), "--max-steps", "1", "--quiet", "--overwrite"]) == 0
+    assert [m["step"] for m in read_metrics(str(run))] == [1]  # started again from step 0
+    assert read_metrics(str(run))[0]["loss_generator"] == first[0]["loss_generator"]
+    assert (run / "notes.txt").read_text() == "mine"
+    assert [s for s, _ in complete_checkpoints(str(run))] == [1]
