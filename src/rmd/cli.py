@@ -217,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
     ab.set_defaults(func=_cmd_ablate)
 
+    pl = sub.add_parser("plan", help="FLOPs per step, predicted speedups and training memory of a recipe, from its "
+                                     "public backbone config (no weights)")
+    pl.add_argument("--recipe", required=True, help="a recipe with an architecture section (sdxl, pixart-sigma, "
+                                                    "sd35-medium, wan21-14b, wan21-1.3b)")
+    pl.add_argument("--lora-rank", type=int, default=None, help="LoRA rank per role (default: the recipe's, else 64)")
+    pl.add_argument("--batch", type=int, default=2, help="batch size for the activation estimate")
+    pl.add_argument("--json", action="store_true")
+    pl.set_defaults(func=_cmd_plan)
+
     bn = sub.add_parser("bench", help="time the teacher, the N-step student and the cascades side by side "
                                       "(speedups, ideal speedups, efficiency, sampler overhead)")
     bn.add_argument("--tiny", choices=["sdxl", "pixart", "sd3", "wan"], default=None,
@@ -236,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--command-line", default=None, help="the command that trained the run (for the record)")
     ss.set_defaults(func=_cmd_ship_student)
     return p
+
+
+def _cmd_plan(args: argparse.Namespace) -> None:
+    from .planner import run_plan_command
+
+    run_plan_command(args)
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:

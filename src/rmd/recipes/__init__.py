@@ -106,6 +106,28 @@ class DistillConfig(BaseModel):
     gradient_checkpointing: bool = False
 
 
+class Architecture(BaseModel):
+    """The backbone's public configuration, enough to build it without weights (``rmd plan``).
+
+    ``config`` holds the keyword arguments of the diffusers class (its ``config.json``);
+    ``text_tokens`` x ``text_dim`` is the prompt embedding the backbone reads, ``pooled_dim``
+    the pooled one (SDXL, SD3). ``params`` is the published parameter count, a check on the config.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    class_name: Literal["UNet2DConditionModel", "PixArtTransformer2DModel", "SD3Transformer2DModel",
+                        "WanTransformer3DModel"]
+    config: dict[str, Any]
+    text_tokens: int = Field(ge=1)
+    text_dim: int = Field(ge=1)
+    pooled_dim: Optional[int] = Field(None, ge=1)
+    vae_scale_factor: int = Field(8, ge=1)
+    vae_temporal_factor: int = Field(4, ge=1)
+    params: Optional[float] = Field(None, gt=0, description="published parameter count of the network")
+    source: str = ""
+
+
 class Recipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -118,6 +140,7 @@ class Recipe(BaseModel):
     schedule: ScheduleConfig
     sampling: SamplingConfig = SamplingConfig()
     distill: Optional[DistillConfig] = None
+    architecture: Optional[Architecture] = None
 
 
 def list_recipes() -> list[str]:
