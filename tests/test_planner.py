@@ -8,7 +8,6 @@ import json
 import warnings
 
 import pytest
-import torch
 
 from rmd.cli import main
 from rmd.planner import PAPER, build_on_meta, count_flops, latent_shape, lora_params, memory_plan, plan_recipe
