@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--max-steps", type=int, default=None, help="generator updates (default: the recipe's)")
     dm.add_argument("--train-baselines", action="store_true",
                     help="train the DMD2 and naive baselines here instead of using the shipped ones (slow)")
-    dm.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
+    dm.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     dm.add_argument("--timing-batch", type=int, default=32, help="images per method and timing round")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=_cmd_demo)

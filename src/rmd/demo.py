@@ -273,10 +273,12 @@ def write_report_md(out: str, rows: Sequence[dict], info: dict[str, Any]) -> str
              "speedup vs 4-step |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         vs4 = "-" if r["speedup_vs_4step"] is None else f"{r['speedup_vs_4step']:.2f}x"
-        lines.append(f"| {r['name']} | {r['method']} | {r['alignment']:.3f} | {r['fd']:.1f} | {r['detail']:.2f} | "
+        lines.append(f"| {r['name']} | {r['method']} | {r['alignment']:.3f} ± {r['alignment_se']:.3f} | {r['fd']:.1f} | "
+                     f"{r['detail']:.2f} | "
                      f"{r['degraded_rate']:.2f} | {r['nfe']:g} | {r['seconds_per_image']:.4f} | "
                      f"{r['speedup_vs_teacher']:.1f}x | {vs4} |")
-    lines += ["", "Alignment: share of prompt attributes the toy evaluator reads back. FD: Frechet distance of "
+    lines += ["", "Alignment: share of prompt attributes the toy evaluator reads back (± its standard error over "
+              "images). FD: Frechet distance of "
               "evaluator features to real renders of the same prompts. Detail: high-frequency energy relative to "
               "real images (1 = real; below: blur). Degraded: share of samples that look like the degraded "
               "low-resolution training data.", "",
@@ -329,7 +331,7 @@ def train_config(cfg, out: str, progress: bool) -> None:
 
 
 def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional[int] = None,
-             train_baselines: bool = False, rounds: int = 3, timing_batch: int = 32, teacher_steps: int = 50,
+             train_baselines: bool = False, rounds: int = 5, timing_batch: int = 32, teacher_steps: int = 50,
              progress: bool = True, teacher: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR,
              overrides: Optional[dict[str, Any]] = None) -> list[dict]:
     """The whole demo; returns the report rows (also written to ``out/report.json``).
