@@ -498,6 +498,9 @@ def export_generator(run_dir: str, student: Student) -> dict[str, str]:
     merged = merged_copy(student.base, "generator").to("cpu")
     bb.save_full(merged, tmp)
     del merged
+    from ..pipeline import write_cascade_info
+
+    write_cascade_info(tmp, student.cfg)  # the folder is then a complete RMDPipeline
     _replace_dir(tmp, paths["full"])
     return paths
 

@@ -1,0 +1,146 @@
+"""``RMDPipeline``: a distilled cascade as one object, in the diffusers manner.
+
+    pipe = RMDPipeline.from_pretrained("runs/rmd")           # a run folder, or an exported pipeline
+    pipe = pipe.to("cuda")
+    images = pipe(["a red striped circle on the left on a black background"], seed=0).images
+
+A pipeline folder is the generator with its LoRA merged (``export/generator_full``, written
+by ``rmd distill``) plus ``rmd_cascade.json``: the stage plan (schedule), the sampling
+settings (eta, gamma, guidance, upsampling) and the backbone family. ``save_pretrained``
+writes such a folder; ``from_pretrained`` reads one, or a run folder (its export).
+
+Image ``i`` depends only on (prompt ``i``, seed ``i``): seeds are ``seed + i`` unless given
+one per image, so results do not depend on how prompts are batched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+CASCADE_FILE = "rmd_cascade.json"
+
+
+@dataclass
+class RMDPipelineOutput:
+    images: Union[list, torch.Tensor]  # PIL images, or a (B, C, H, W) tensor in [-1, 1] with output_type="pt"
+
+
+def cascade_info(cfg) -> dict[str, Any]:
+    """What ``rmd_cascade.json`` records for a run config."""
+    return {"format": 1, "backbone": cfg.backbone, "recipe": cfg.recipe, "method": cfg.method,
+            "schedule": cfg.schedule.model_dump(mode="json"), "sampling": cfg.sampling.model_dump(mode="json"),
+            "frames": cfg.frames}
+
+
+def write_cascade_info(folder: str, cfg) -> None:
+    with open(os.path.join(folder, CASCADE_FILE), "w", encoding="utf-8") as f:
+        json.dump(cascade_info(cfg), f, indent=1)
+
+
+class RMDPipeline:
+    """The cascade sampler around one merged generator network, its text encoder and its plan."""
+
+    def __init__(self, path: str, info: dict[str, Any], denoiser, encode, modules: Sequence[torch.nn.Module],
+                 decode=None):
+        from .recipes import SamplingConfig, ScheduleConfig
+
+        self.path = path
+        self.info = info
+        self.schedule = ScheduleConfig(**info["schedule"])
+        self.sampling = SamplingConfig(**info["sampling"])
+        self.plan = self.schedule.plan()
+        self.denoiser = denoiser
+        self.encode = encode
+        self.decode = decode
+        self._modules = list(modules)
+
+    # --- loading and saving ---------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: Union[str, torch.device, None] = None) -> "RMDPipeline":
+        from .cli import UserError
+
+        folder = path
+        if not os.path.isfile(os.path.join(folder, CASCADE_FILE)):
+            exported = os.path.join(path, "export", "generator_full")
+            if os.path.isfile(os.path.join(exported, CASCADE_FILE)):
+                folder = exported
+            else:
+                raise UserError(f"{path} is neither a pipeline folder (no {CASCADE_FILE}) nor a finished `rmd distill` "
+                                "run folder (no export/generator_full); finish the run, or point at its export")
+        with open(os.path.join(folder, CASCADE_FILE), encoding="utf-8") as f:
+            info = json.load(f)
+        if info.get("backbone") != "toy":
+            raise UserError(f"{folder}: loading a {info.get('backbone')!r} pipeline is not wired up yet; only the "
+                            "toy backbone has a loader so far")
+        from .toy.teacher import load_teacher
+
+        try:
+            teacher = load_teacher(folder)
+        except (FileNotFoundError, ValueError) as e:
+            raise UserError(str(e)) from None
+        pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, teacher.text.model])
+        return pipe.to(device) if device is not None else pipe
+
+    def save_pretrained(self, path: str) -> None:
+        """Copy the pipeline folder (weights, text encoder, tokenizer, ``rmd_cascade.json``) to ``path``."""
+        tmp = f"{path}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(self.path, tmp)
+        with open(os.path.join(tmp, CASCADE_FILE), "w", encoding="utf-8") as f:
+            json.dump(self.info, f, indent=1)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+
+    def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "RMDPipeline":
+        """Move every module to ``device``; ``dtype`` applies to the denoising network (the text encoder stays fp32)."""
+        for i, m in enumerate(self._modules):
+            kwargs = {k: v for k, v in (("device", device), ("dtype", dtype if i == 0 else None)) if v is not None}
+            if kwargs:
+                m.to(**kwargs)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self._modules[0].parameters()).device
+
+    # --- sampling --------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt: Union[str, Sequence[str]], num_images_per_prompt: int = 1, seed: int = 0,
+                 seeds: Optional[Sequence[int]] = None, output_type: str = "pil",
+                 batch_size: Optional[int] = None) -> RMDPipelineOutput:
+        from .denoisers import CFGDenoiser
+        from .sampler import sample
+
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise ValueError("give at least one prompt")
+        if num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        seeds = list(seeds) if seeds is not None else [seed + i for i in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images; give one seed per image")
+        if output_type not in ("pil", "pt"):
+            raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
+        den: Any = self.denoiser
+        smp = self.sampling
+        if smp.guidance_scale != 1.0:
+            den = CFGDenoiser(den, self.encode([""]), smp.guidance_scale)
+        out = sample(den, self.plan, self.encode(prompts), seeds, eta=smp.eta, gamma=smp.gamma,
+                     upsample_mode=smp.upsample, num_frames=self.info.get("frames"), batch_size=batch_size,
+                     decode=self.decode, device=self.device)
+        out = out.float().cpu()
+        if output_type == "pt":
+            return RMDPipelineOutput(out)
+        from .distill.train import image_grid
+
+        return RMDPipelineOutput([image_grid(img[None]) for img in out])
