@@ -15,7 +15,7 @@ from rmd.cli import main
 from rmd.denoisers import Conditioning
 from rmd.plan import make_plan
 
-UNIT = 0.004  # seconds per image at 32 x 32 pixels
+UNIT = 0.02  # seconds per image at 32 x 32 pixels: large against the sampler's own cost, even on a busy machine
 
 
 class PixelCostDenoiser(nn.Module):
