@@ -51,6 +51,21 @@ def _sample(tmp: str, prompts: str) -> list:
     return ["sample", "--run", os.path.join(tmp, "somerun"), "--prompts", prompts, "--out", os.path.join(tmp, "out")]
 
 
+def _sample_into_used(tmp: str, teacher: str) -> list:
+    """A finished tiny run, and an output folder that already holds sample 000000."""
+    from rmd.distill.train import train
+
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers import small
+
+    run = os.path.join(tmp, "finished")
+    train(small("toy-rmd", teacher, max_steps=1), run, progress=False)
+    out = os.path.join(tmp, "out")
+    _write(os.path.join(out, "000000.png"), "x")
+    return ["sample", "--run", run, "--prompts", _write(os.path.join(tmp, "p.txt"), "a red circle\n"), "--out", out]
+
+
 def _teacher_copy(tmp: str, teacher: str, edit: Callable[[str], None]) -> str:
     dst = os.path.join(tmp, "teacher")
     shutil.copytree(teacher, dst)
@@ -142,6 +157,8 @@ CASES = [
     Case("output", "--out already holds a run", _used_folder, "--overwrite"),
     Case("output", "--overwrite together with --resume",
          lambda t, te: _used_folder(t, te) + ["--overwrite", "--resume"], "give one of them"),
+    Case("output", "sample --out already holds these samples",
+         lambda t, te: _sample_into_used(t, te), "--overwrite"),
     Case("output", "sample --out is a .png with --prompts",
          lambda t, te: _sample(t, _write(os.path.join(t, "p.txt"), "a red circle\n"))[:-1] + [
              os.path.join(t, "x.png")], "is a folder"),

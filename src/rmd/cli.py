@@ -132,6 +132,7 @@ def _add_distill_parsers(sub) -> None:
     s.add_argument("--out", required=True, help="output PNG with --prompt (a grid when --num-images > 1); a "
                                                 "folder with --prompts (NNNNNN.png + NNNNNN.json per prompt)")
     s.add_argument("--batch-size", type=int, default=16, help="images per sampler call with --prompts")
+    s.add_argument("--overwrite", action="store_true", help="with --prompts: replace samples already in --out")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--num-images", type=int, default=1, help="images with seeds S, S+1, ...")
     s.add_argument("--checkpoint", default=None,

@@ -120,6 +120,10 @@ def run_sample_command(args: Any) -> None:
     seeds = seeds_for(pf.entries, args.seed)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     mine = list(range(rank, len(pf.entries), world))
+    taken = [i for i in mine if os.path.exists(os.path.join(args.out, f"{i:06d}.png"))]
+    if taken and not args.overwrite:
+        raise _user_error(f"--out {args.out!r} already holds {len(taken)} of these samples (e.g. {taken[0]:06d}.png); "
+                          "pass --overwrite to replace them, or choose another folder")
     student = load_run(args.run, args.checkpoint, device)
     try:  # the tokenizer's own limits, for all prompts at once, before any image is made
         student.backbone.encode([pf.entries[i].text for i in mine] or [""])
