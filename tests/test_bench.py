@@ -48,7 +48,7 @@ def _subject(batch: int = 2) -> Subject:
 
 def test_ideal_speedups_follow_pixel_counts():
     subject = _subject()
-    rows, info = run_bench(subject, rows_for(subject), rounds=2, reps=3)
+    rows, info = run_bench(subject, rows_for(subject), rounds=5, reps=3)
     by = {r["name"]: r for r in rows}
     assert [r["name"] for r in rows] == ["teacher", "4-step", "2+2", "2+1+1"]
     # from the measured call costs: 2+2 = 4 / (2/4 + 2) = 1.6, 2+1+1 = 4 / (2/16 + 1/4 + 1) = 2.91,

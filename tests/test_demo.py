@@ -87,7 +87,7 @@ def test_cli_rejects_bad_options_before_work(tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["demo", "--out", str(blocker / "sub")]) == 2
-    assert "not a writable folder" in capsys.readouterr().err
+    assert "is not writable" in capsys.readouterr().err
 
 
 def test_toy_eval_scores_a_run_folder(demo, tmp_path, capsys):

@@ -441,3 +441,7 @@ def test_overwrite_starts_again_and_keeps_foreign_files(teacher_dir, tmp_path):
     assert read_metrics(str(run))[0]["loss_generator"] == first[0]["loss_generator"]
     assert (run / "notes.txt").read_text() == "mine"
     assert [s for s, _ in complete_checkpoints(str(run))] == [1]
+    # an --overwrite that cannot start (here: no teacher there) leaves the old run as it was
+    assert main(["distill", "--config", cfg, "--out", str(run), "--max-steps", "1", "--quiet", "--overwrite",
+                 "--teacher", str(tmp_path / "missing")]) == 2
+    assert [m["step"] for m in read_metrics(str(run))] == [1] and complete_checkpoints(str(run))

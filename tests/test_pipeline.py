@@ -59,6 +59,20 @@ def test_save_and_reload(run, tmp_path):
                                pipe(PROMPTS, seed=1, output_type="pt").images)
 
 
+def test_save_never_deletes_what_it_should_not(run, tmp_path):
+    pipe = RMDPipeline.from_pretrained(run)
+    with pytest.raises(UserError, match="loaded from"):
+        pipe.save_pretrained(run)  # the run folder holds the pipeline's own folder
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("x")
+    with pytest.raises(UserError, match="not empty"):
+        pipe.save_pretrained(str(busy))
+    assert (busy / "keep.txt").exists()
+    pipe.save_pretrained(str(busy), overwrite=True)
+    assert (busy / CASCADE_FILE).exists() and not (busy / "keep.txt").exists()
+
+
 def test_refusals(run, tmp_path):
     with pytest.raises(UserError, match="neither a pipeline folder"):
         RMDPipeline.from_pretrained(str(tmp_path))

@@ -8,6 +8,7 @@ import json
 import warnings
 
 import pytest
+import torch
 
 from rmd.cli import main
 from rmd.planner import PAPER, build_on_meta, count_flops, latent_shape, lora_params, memory_plan, plan_recipe
@@ -103,3 +104,15 @@ def test_sdxl_plan_matches_the_paper_and_the_memory_target(capsys):
 def test_a_recipe_without_architecture_is_refused(capsys):
     assert main(["plan", "--recipe", "toy-rmd"]) == 2
     assert "no architecture section" in capsys.readouterr().err
+
+
+def test_activations_count_saved_tensors_not_weights():
+    from rmd.planner import _count_saved
+
+    with torch.device("meta"):
+        net = torch.nn.Sequential(torch.nn.Linear(1000, 1000), torch.nn.GELU(), torch.nn.Linear(1000, 1000))
+    net.requires_grad_(False)
+    x = torch.zeros(2, 1000, device="meta", requires_grad=True)
+    # the frozen linears save only their weights (for the input gradient), which are not activations;
+    # GELU saves its input: 2 x 1000 fp32
+    assert _count_saved(lambda: net(x), net) == 2 * 1000 * 4

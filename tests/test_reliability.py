@@ -18,7 +18,7 @@ import torch
 from rmd.cli import UserError
 from rmd.distill import algorithm
 from rmd.distill.config import write_config
-from rmd.distill.train import complete_checkpoints, lora_checksum, train
+from rmd.distill.train import CHECKPOINT_PAUSE_ENV, complete_checkpoints, lora_checksum, train
 
 from helpers import read_metrics, small
 
@@ -42,10 +42,12 @@ def reference(teacher_dir, tmp_path_factory):
     return [[m[k] for k in KEYS] for m in read_metrics(run)], per_step
 
 
-def _launch(config: str, run: str) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+def _launch(config: str, run: str, capture: bool = True, pause: float = 0.0) -> subprocess.Popen:
+    # the same thread count as this process, whose in-process run is the reference
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), CHECKPOINT_PAUSE_ENV: str(pause)}
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
     return subprocess.Popen([sys.executable, "-m", "rmd.cli", "distill", "--config", config, "--out", run, "--resume",
-                             "--quiet"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--quiet"], env=env, stdout=out, stderr=out, text=True)
 
 
 def _lines(run: str) -> int:
@@ -62,7 +64,8 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(teach
     ckpt_root = os.path.join(run, "checkpoints")
     kills = []
     for attempt in range(4):
-        proc = _launch(config, run)
+        # checkpoints pause 0.2 s before they are published, so a kill can land inside the write
+        proc = _launch(config, run, capture=False, pause=0.2)
         before = _lines(run)
         # wait until the run is training, then kill it: at a random moment, or (attempts 1 and 3) the
         # moment a checkpoint's temp folder appears, i.e. in the middle of writing it

@@ -138,26 +138,9 @@ def run_key(cfg) -> str:
 
 def untrained_method(name: str, cfg):
     """The arm's student at initialisation (zero LoRA = the teacher on the few-step plan)."""
-    from .demo import Method, from_model_like
-    from .denoisers import CFGDenoiser
-    from .distill.train import build_student, merged_copy
-    from .sampler import sample
+    from .demo import _student_method
 
-    student = build_student(cfg, torch.device("cpu"), synced=False)
-    bb = student.backbone
-    den = from_model_like(merged_copy(student.base, "generator"))  # a fresh LoRA adds zero: the teacher's weights
-    smp = cfg.sampling
-    if smp.guidance_scale != 1.0:
-        den = CFGDenoiser(den, bb.encode([""]), smp.guidance_scale)
-    plan = cfg.plan()
-
-    @torch.no_grad()
-    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        return sample(den, plan, bb.encode(list(prompts)), list(seeds), eta=smp.eta, gamma=smp.gamma,
-                      upsample_mode=smp.upsample, num_frames=cfg.frames, decode=bb.decode).float().cpu()
-
-    per_step = 1 if smp.guidance_scale == 1.0 else 2
-    return Method(name, "none", generate, float(plan.num_steps * per_step), "untrained", {})
+    return _student_method(name, cfg, None, None, "untrained", {})
 
 
 def run_study(name: str, out: str, num_images: int = 256, seed: int = 0, max_steps: Optional[int] = None,
@@ -223,12 +206,9 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _write_json(path: str, data: Any) -> None:
-    from .demo import _finite
+    from .demo import write_json_strict
 
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_finite(data), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    write_json_strict(path, data)
 
 
 def format_rows(rows: Sequence[dict]) -> str:
@@ -308,6 +288,9 @@ def run_ablate_command(args: Any) -> None:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
     if args.rounds < 1 or not 1 <= args.timing_batch <= args.num_images:
         raise UserError("--rounds must be at least 1 and --timing-batch between 1 and --num-images")
+    from .distill.train import check_writable_folder
+
+    check_writable_folder(args.out)
     rows = run_study(args.study, args.out, args.num_images, args.seed, args.max_steps, args.rounds,
                      args.timing_batch, progress=not args.quiet)
     print(format_rows(rows))

@@ -219,6 +219,12 @@ def run_bench_command(args: Any) -> None:
 
     if args.batch < 1 or args.rounds < 1 or args.teacher_steps < 1:
         raise UserError("--batch, --rounds and --teacher-steps must be positive integers")
+    if args.out:
+        from .distill.train import check_writable_folder
+
+        if os.path.isdir(args.out):
+            raise UserError(f"--out {args.out!r} is a folder; give a .json file path")
+        check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
     if args.tiny:
         subject = tiny_subject(args.tiny, args.batch, args.teacher_steps)
     else:
@@ -227,11 +233,9 @@ def run_bench_command(args: Any) -> None:
     info["command"] = " ".join(["rmd"] + sys.argv[1:]) if sys.argv and "rmd" in sys.argv[0] else "run_bench()"
     info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
     if args.out:
-        tmp = f"{args.out}.tmp"
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"info": info, "rows": rows}, f, indent=1)
-        os.replace(tmp, args.out)
+        from .demo import write_json_strict
+
+        write_json_strict(args.out, {"info": info, "rows": rows})
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -266,21 +267,14 @@ def _cmd_ablate(args: argparse.Namespace) -> None:
     run_ablate_command(args)
 
 
-def _quiet_libraries() -> None:
-    """The libraries' own bars (loading and writing weights) would bury ours and the error messages."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .plan import PlanError
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    # the libraries' own bars (loading and writing weights) would bury ours and the error messages;
+    # set before any of them is imported (the commands import them lazily)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         args.func(args)
     except (UserError, PlanError) as err:

@@ -65,14 +65,16 @@ class Method:
     record: dict[str, Any]
 
 
-def _student_method(name: str, run_cfg, lora_path: str, prefix: Optional[str], source: str,
+def _student_method(name: str, run_cfg, lora_path: Optional[str], prefix: Optional[str], source: str,
                     record: dict[str, Any]) -> Method:
+    """The run config's cascade with the generator LoRA at ``lora_path`` (None: the untrained, zero LoRA)."""
     from .denoisers import CFGDenoiser
     from .distill.train import build_student, load_lora_weights, merged_copy
     from .sampler import sample
 
     student = build_student(run_cfg, torch.device("cpu"), synced=False)
-    load_lora_weights(student.base, "generator", lora_path, prefix=prefix)
+    if lora_path is not None:
+        load_lora_weights(student.base, "generator", lora_path, prefix=prefix)
     # deployed as a plain network with the LoRA merged in: timing it through peft's wrappers
     # (two adapters attached) would charge the student overhead the teacher does not pay
     bb = student.backbone
@@ -382,11 +384,17 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "num_images": num_images, "rounds": rounds,
             "timing_batch": timing_batch, "threads": torch.get_num_threads(),
             "wall_seconds": round(time.time() - t_start, 1), "budget_notes": budget_notes}
-    with open(os.path.join(out, "report.json.tmp"), "w", encoding="utf-8") as f:
-        json.dump(_finite(rows), f, indent=1, allow_nan=False)  # strict JSON: a diverged metric becomes null
-    os.replace(os.path.join(out, "report.json.tmp"), os.path.join(out, "report.json"))
+    write_json_strict(os.path.join(out, "report.json"), rows)
     write_report_md(out, rows, info)
     return rows
+
+
+def write_json_strict(path: str, data: Any) -> None:
+    """Write strict JSON atomically: a diverged (non-finite) metric becomes null, never NaN."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(_finite(data), f, indent=1, allow_nan=False)
+    os.replace(tmp, path)
 
 
 def _finite(obj: Any) -> Any:
@@ -422,13 +430,9 @@ def run_demo_command(args: Any) -> None:
         raise UserError("--rounds must be at least 1")
     if args.timing_batch < 1 or args.timing_batch > args.num_images:
         raise UserError(f"--timing-batch must be between 1 and --num-images ({args.num_images})")
-    try:
-        probe = os.path.join(args.out, ".write-test")
-        os.makedirs(args.out, exist_ok=True)
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise UserError(f"--out {args.out!r} is not a writable folder ({e.strerror}); choose another") from None
+    from .distill.train import check_writable_folder
+
+    check_writable_folder(args.out)
     rows = run_demo(args.out, args.num_images, args.seed, args.max_steps, args.train_baselines, args.rounds,
                     args.timing_batch, progress=not args.quiet)
     print(format_rows(rows))

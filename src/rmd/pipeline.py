@@ -88,15 +88,28 @@ class RMDPipeline:
         pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, teacher.text.model])
         return pipe.to(device) if device is not None else pipe
 
-    def save_pretrained(self, path: str) -> None:
-        """Copy the pipeline folder (weights, text encoder, tokenizer, ``rmd_cascade.json``) to ``path``."""
+    def save_pretrained(self, path: str, overwrite: bool = False) -> None:
+        """Copy the pipeline folder (weights, text encoder, tokenizer, ``rmd_cascade.json``) to ``path``.
+
+        An existing non-empty ``path`` is replaced only with ``overwrite=True``, and never when it
+        is (or holds) the folder this pipeline was loaded from.
+        """
+        from .cli import UserError
+
+        src, dst = os.path.realpath(self.path), os.path.realpath(path)
+        if dst == src or src.startswith(dst + os.sep):
+            raise UserError(f"{path} is (or holds) the folder this pipeline was loaded from; save it elsewhere")
+        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)) and not overwrite:
+            raise UserError(f"{path} already exists and is not empty; pass overwrite=True or choose another folder")
         tmp = f"{path}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.copytree(self.path, tmp)
         with open(os.path.join(tmp, CASCADE_FILE), "w", encoding="utf-8") as f:
             json.dump(self.info, f, indent=1)
-        if os.path.exists(path):
+        if os.path.isdir(path):
             shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
         os.replace(tmp, path)
 
     def to(self, device: Union[str, torch.device, None] = None, dtype: Optional[torch.dtype] = None) -> "RMDPipeline":

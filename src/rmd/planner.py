@@ -45,10 +45,15 @@ def build_on_meta(arch, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
     """The diffusers network of an :class:`rmd.recipes.Architecture`, parameters on the meta device."""
     import diffusers
 
+    from .plan import PlanError
+
     cls = getattr(diffusers, arch.class_name)
-    with torch.device("meta"):
-        model = cls(**arch.config)
-    return model.to(dtype).eval()
+    try:
+        with torch.device("meta"):
+            model = cls(**arch.config)
+    except (TypeError, ValueError) as e:
+        raise PlanError(f"architecture.config does not build a {arch.class_name}: {e}") from None
+    return model.to(dtype).eval().requires_grad_(False)  # the frozen base
 
 
 def latent_shape(arch, size: tuple[int, int], frames: Optional[int]) -> tuple[int, ...]:
@@ -126,17 +131,14 @@ class _FusedAttentionShape(torch.autograd.Function):
 def activation_bytes(model: nn.Module, arch, size: tuple[int, int], frames: Optional[int], batch: int) -> int:
     """Bytes autograd saves for the generator's backward (input gradient through the frozen base), on meta.
 
-    Each saved tensor is counted once (several ops saving the same tensor share it); views of
-    one tensor saved as different objects are counted again, so this errs on the high side.
-    Attention is counted as a fused kernel saves it (:class:`_FusedAttentionShape`).
+    Each saved tensor is counted once (several ops saving the same tensor share it); weights
+    (and views of them) are not activations and are left out, since the memory plan counts
+    them already; other views of one tensor saved as different objects are counted again, so
+    this errs on the high side. Attention is counted as a fused kernel saves it
+    (:class:`_FusedAttentionShape`). Inputs the LoRA layers save for their own weight
+    gradients are mostly the same tensors and are not added.
     """
     import torch.nn.functional as F
-
-    seen: dict[int, torch.Tensor] = {}
-
-    def pack(t: torch.Tensor):
-        seen.setdefault(id(t), t)  # keeping t alive keeps its id unique
-        return t
 
     def attention(query=None, key=None, value=None, *args, **kwargs):
         if args:  # positional call: (query, key, value, attn_mask, ...)
@@ -148,10 +150,24 @@ def activation_bytes(model: nn.Module, arch, size: tuple[int, int], frames: Opti
     original = F.scaled_dot_product_attention
     F.scaled_dot_product_attention = attention
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            forward(model, arch, x)
+        return _count_saved(lambda: forward(model, arch, x), model)
     finally:
         F.scaled_dot_product_attention = original
+
+
+def _count_saved(run, model: nn.Module) -> int:
+    """Bytes of the tensors autograd saves while ``run()`` builds its graph, weights of ``model`` excluded."""
+    params = {id(p) for p in model.parameters()}
+    seen: dict[int, torch.Tensor] = {}
+
+    def pack(t: torch.Tensor):
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params:
+            seen.setdefault(id(t), t)  # keeping t alive keeps its id unique
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
     return sum(t.numel() * t.element_size() for t in seen.values())
 
 

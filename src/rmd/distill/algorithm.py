@@ -132,11 +132,16 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Par
     """Clip and apply the update unless the loss or the gradient norm is not finite; True if applied.
 
     A skipped update leaves weights and optimiser state untouched (Adam's moments would carry
-    a NaN forever). Across processes the gradients were already averaged, so a NaN on any rank
-    reaches every rank's norm and all ranks skip together.
+    a NaN forever). Across processes the decision is shared (a max over ranks), so all ranks
+    skip together and their weights stay identical.
     """
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    if not (torch.isfinite(norm) and torch.isfinite(loss.detach()).all()):
+    bad = (~torch.isfinite(norm)) | (~torch.isfinite(loss.detach())).any()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        bad = bad.to(torch.float32).reshape(1)
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # one rank's NaN loss stops all
+        bad = bad > 0
+    if bool(bad):
         optimizer.zero_grad(set_to_none=True)
         return False
     optimizer.step()

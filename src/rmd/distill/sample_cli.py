@@ -13,8 +13,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .config import RunConfig, load_run_config
-from .train import (LORA_WEIGHT_NAME, Student, _user_error, build_student, checkpoint_name, complete_checkpoints,
-                    image_grid, load_lora_weights, sample_images)
+from .train import (LORA_WEIGHT_NAME, Student, _user_error, build_student, check_writable_folder, checkpoint_name,
+                    complete_checkpoints, image_grid, load_lora_weights, sample_images)
 
 
 def generator_weights(run_dir: str, checkpoint: Union[str, int, None] = None) -> tuple[str, bool]:
@@ -65,16 +65,6 @@ def sample_run(run_dir: str, prompts: Sequence[str], seeds: Sequence[int], check
     return sample_images(load_run(run_dir, checkpoint, device), prompts, seeds)
 
 
-def _check_writable(folder: str, flag: str) -> None:
-    try:
-        os.makedirs(folder, exist_ok=True)
-        probe = os.path.join(folder, f".write-test-{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as e:
-        raise _user_error(f"{flag} {folder!r} is not a writable folder ({e.strerror}); choose another") from None
-
-
 def run_sample_command(args: Any) -> None:
     """``rmd sample --run DIR (--prompt TEXT --out FILE.png | --prompts FILE --out DIR) [--seed S] ...``.
 
@@ -96,11 +86,12 @@ def run_sample_command(args: Any) -> None:
         raise _user_error(f"--seed must be a non-negative integer, got {args.seed}")
     if not os.path.isdir(args.run):
         raise _user_error(f"--run {args.run!r} is not a folder; give the --out folder of a `rmd distill` run")
-    device: Optional[str] = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device: Optional[str] = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if args.prompt is not None:
         if not args.out.lower().endswith(".png"):
             raise _user_error(f"--out must be a .png file with --prompt, got {args.out!r}")
-        _check_writable(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
+        check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
         seeds = [args.seed + i for i in range(args.num_images)]
         try:
             images = sample_run(args.run, [args.prompt] * len(seeds), seeds, args.checkpoint, device)
@@ -116,7 +107,7 @@ def run_sample_command(args: Any) -> None:
         raise _user_error(str(e)) from None
     if args.out.lower().endswith(".png"):
         raise _user_error(f"with --prompts, --out is a folder (one PNG + JSON per prompt), got {args.out!r}")
-    _check_writable(args.out, "--out")
+    check_writable_folder(args.out, "--out")
     seeds = seeds_for(pf.entries, args.seed)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     mine = list(range(rank, len(pf.entries), world))
@@ -133,7 +124,8 @@ def run_sample_command(args: Any) -> None:
                 student.backbone.encode([pf.entries[i].text])
             except ValueError as e:
                 raise _user_error(f"{args.prompts}, line {pf.entries[i].line}: {e}") from None
-        raise
+        raise _user_error(f"{args.prompts}: the text encoder refused the prompts as a batch but took each alone; "
+                          "use --batch-size 1") from None
     written = 0
     for start in range(0, len(mine), args.batch_size):
         chunk = mine[start: start + args.batch_size]

@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..denoisers import CFGDenoiser, Conditioning, Denoiser, SizeError, from_model
+from ..denoisers import CFGDenoiser, Conditioning, Denoiser, from_model
 from ..plan import PlanError
 from .algorithm import MethodConfig, distill_iteration
 from .config import LOGISTIC_KEYS, RunConfig, config_differences, load_run_config, write_config
@@ -303,12 +303,6 @@ def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced:
         backbone.to(device)
         if head is not None:
             head.to(device)
-    den = backbone.make_denoiser()
-    for size in dict.fromkeys(s.size for s in cfg.plan().steps):
-        try:
-            den.check_size(size, cfg.frames)
-        except SizeError as e:
-            raise PlanError(f"schedule resolution {size}: {e}") from None
     return Student(cfg, backbone, base, head)
 
 
@@ -376,6 +370,9 @@ def lora_checksum(params: Sequence[nn.Parameter]) -> str:
     return h.hexdigest()
 
 
+CHECKPOINT_PAUSE_ENV = "RMD_CHECKPOINT_PAUSE"  # seconds between writing a checkpoint and publishing it (tests)
+
+
 def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.optim.Optimizer,
                     opt_f: torch.optim.Optimizer, extra: dict[str, Any]) -> str:
     """Write ``checkpoints/step-XXXXXXXX`` atomically: into a temp folder, then ``os.replace``."""
@@ -398,6 +395,9 @@ def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.opti
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:  # written last
         json.dump(state, f, indent=1)
     _fsync_tree(tmp)  # the rename below must not reach the disk before the files it publishes
+    pause = float(os.environ.get(CHECKPOINT_PAUSE_ENV, "0") or 0)
+    if pause > 0:  # fault injection: crash-safety tests kill the run inside this window
+        time.sleep(pause)
     _replace_dir(tmp, final)
     return final
 
@@ -604,8 +604,11 @@ def _run_info(cfg: RunConfig, world: int, status: str, step: int, exports: Optio
     }
 
 
-def _decide_start(out: str, cfg: RunConfig, resume: bool) -> tuple[int, Optional[str], Optional[str]]:
+def _decide_start(out: str, cfg: RunConfig, resume: bool,
+                  overwrite: bool = False) -> tuple[int, Optional[str], Optional[str]]:
     """(start step, checkpoint path, error message) -- decided on rank 0, broadcast to all."""
+    if overwrite:
+        return 0, None, None  # the old run is deleted once the new one is known to start
     latest = latest_checkpoint(out)
     has_run = latest is not None or os.path.exists(os.path.join(out, "metrics.jsonl"))
     if not resume:
@@ -627,7 +630,7 @@ def _decide_start(out: str, cfg: RunConfig, resume: bool) -> tuple[int, Optional
 
 
 def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool = True,
-          on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> TrainResult:
+          on_step: Optional[Callable[[dict[str, Any]], None]] = None, overwrite: bool = False) -> TrainResult:
     """Run (or resume) a distillation into ``out_dir``; see the module docstring for the folder layout.
 
     ``on_step(metrics)`` is called on every rank after each iteration (tests use it to
@@ -653,7 +656,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     decision: list[Any] = [None]
     if is_main:
         try:
-            decision[0] = _decide_start(out, cfg, resume)
+            decision[0] = _decide_start(out, cfg, resume, overwrite)
         except (PlanError, OSError) as e:  # e.g. an unreadable checkpoint config: every rank must hear of it
             decision[0] = (0, None, f"cannot resume {out}: {e}")
     if world > 1:
@@ -662,7 +665,11 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     if error:
         raise _user_error(error)
 
+    # built before anything in the folder changes: a bad teacher or resolution fails here
+    student = build_student(cfg, acc.device)
     if is_main:
+        if overwrite:
+            remove_run(out)
         os.makedirs(out, exist_ok=True)
         for root in (os.path.join(out, CHECKPOINTS), os.path.join(out, "export")):
             for name in os.listdir(root) if os.path.isdir(root) else []:
@@ -672,8 +679,6 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
         _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "running", start))
         _truncate_metrics(metrics_path, start)
     acc.wait_for_everyone()
-
-    student = build_student(cfg, acc.device)
     base, bb = student.base, student.backbone
     plan, method = cfg.plan(), MethodConfig(**cfg.method_config.model_dump())
     opt_g = torch.optim.AdamW(base.parameters("generator"), lr=cfg.generator_lr, betas=cfg.adam_betas,
@@ -699,10 +704,18 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     bad_streak, bad_total, stopped = 0, 0, None
     last_saved = start
     received: list[int] = []
-    previous_handler = None
+    previous_handler: Any = signal.SIG_DFL
+    installed = False
     if threading.current_thread() is threading.main_thread():
         # what schedulers send before they kill: finish the iteration, save, exit cleanly
-        previous_handler = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+        def on_term(signum: int, frame: Any) -> None:
+            received.append(signum)
+            signal.signal(signal.SIGTERM, previous_handler)  # a second SIGTERM is not deferred again
+
+        previous_handler = signal.signal(signal.SIGTERM, on_term)
+        if previous_handler is None:  # installed outside Python: its behaviour is the default one
+            previous_handler = signal.SIG_DFL
+        installed = True
 
     def checkpoint(step: int, line: dict[str, Any]) -> None:
         sums = gather_object([lora_checksum(student.trained_params())]) if world > 1 else \
@@ -774,8 +787,9 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 kept = f"the last good checkpoint is {latest[1]}" if latest else "no checkpoint was written yet"
                 raise _user_error(
                     f"training stopped at step {step}: {bad_streak} iterations in a row had a non-finite loss or "
-                    f"gradient (their updates were skipped); {kept}. Try a lower generator_lr / fake_lr, "
-                    "mixed_precision: no, or a larger max_bad_steps; then continue with --resume")
+                    f"gradient (their updates were skipped); {kept}. Start again (--overwrite, or another --out) "
+                    "with a lower generator_lr / fake_lr or mixed_precision: no, or continue with --resume and a "
+                    "larger max_bad_steps (--set max_bad_steps=N)")
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
                 checkpoint(step, line)
                 last_saved = step
@@ -796,7 +810,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             metrics_file.close()
         if writer is not None:
             writer.close()
-        if previous_handler is not None:
+        if installed:
             signal.signal(signal.SIGTERM, previous_handler)
 
     if stopped is not None:
@@ -834,17 +848,17 @@ RECIPE_LEVEL_KEYS = frozenset({"recipe", "description", "backbone", "teacher_gui
 RUN_ARTIFACTS = ("config.yaml", "run.json", "metrics.jsonl", "tensorboard", "samples", CHECKPOINTS, "export")
 
 
-def _check_out_folder(out: str) -> None:
-    """A clear error now, not a traceback after minutes of loading, when ``out`` cannot be written."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise _user_error(f"--out {out!r} is a file; give a folder for the run")
+def check_writable_folder(folder: str, flag: str = "--out") -> None:
+    """A clear error now, not a traceback after minutes of work, when ``folder`` cannot be written."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise _user_error(f"{flag} {folder!r} is a file; give a folder")
     try:
-        os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-test-{os.getpid()}")
         open(probe, "w").close()
         os.remove(probe)
     except OSError as e:
-        raise _user_error(f"--out {out!r} is not writable ({e.strerror}); choose another folder") from None
+        raise _user_error(f"{flag} {folder!r} is not writable ({e.strerror}); choose another folder") from None
 
 
 def remove_run(out: str) -> None:
@@ -903,14 +917,13 @@ def run_distill_command(args: Any) -> None:
         raise _user_error(f"--config {args.config!r}: no such file")
     if getattr(args, "overwrite", False) and args.resume:
         raise _user_error("--overwrite starts the run again from step 0 and --resume continues it: give one of them")
-    _check_out_folder(args.out)
+    check_writable_folder(args.out)
     overrides = parse_set_options(getattr(args, "set", None) or [])
     overrides.update({k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
                                         ("teacher", args.teacher)) if v is not None})
     cfg = load_run_config(source, **overrides)
-    if getattr(args, "overwrite", False):
-        remove_run(args.out)
-    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, args.out, resume=args.resume, progress=not args.quiet,
+                   overwrite=getattr(args, "overwrite", False))
     if result.stopped:
         print(f"stopped by {result.stopped} at step {result.final_step} after writing a checkpoint; continue with "
               f"`rmd distill --out {args.out} --resume`")
