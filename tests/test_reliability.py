@@ -184,3 +184,58 @@ def test_a_streak_of_faults_stops_training_and_keeps_the_last_good_checkpoint(te
     for s in steps:
         g = load_file(os.path.join(ckpts[s], "generator.safetensors"))
         assert all(torch.equal(g[k], g2[k]) for k in g2)
+
+
+def _rank_with_nan_loss(rank: int, world: int, port: int, cfg, out: str) -> None:
+    """A rank whose generator loss is NaN at its 2nd iteration while its gradients stay finite."""
+    from accelerate.state import AcceleratorState
+
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    AcceleratorState._reset_state(True)
+    if rank == 1:
+        real, calls = algorithm.dm_generator_loss, [0]
+
+        def nan_value_only(*args, **kwargs):
+            out = real(*args, **kwargs)
+            calls[0] += 1
+            # a constant: the value turns NaN, the gradient does not
+            return out + torch.full_like(out, float("nan")).detach() if calls[0] == 2 else out
+
+        algorithm.dm_generator_loss = nan_value_only
+    import warnings as w
+
+    with w.catch_warnings():
+        w.simplefilter("ignore")
+        train(cfg, out, progress=False)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="forks the test process (Linux)")
+def test_ranks_skip_together(teacher_dir, tmp_path):
+    """One rank's non-finite loss (with finite gradients) makes every rank skip that update;
+    otherwise the weights would part and the checkpoint's per-rank hashes would differ."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    cfg = _cfg(teacher_dir, max_steps=3, checkpoint_every=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = str(tmp_path / "run")
+    ctx = mp.start_processes(_rank_with_nan_loss, args=(2, port, cfg, run), nprocs=2, start_method="fork", join=False)
+    try:
+        for _ in range(60):
+            if ctx.join(timeout=10):
+                break
+        else:
+            pytest.fail("the two training processes did not finish")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    lines = read_metrics(run)
+    assert [m["skipped_generator"] for m in lines] == [0, 1, 0]  # rank 0's loss was finite, yet it skipped
+    state = json.load(open(os.path.join(run, "checkpoints", "step-00000003", "state.json")))
+    assert state["rank_checksums"][0] == state["rank_checksums"][1]
