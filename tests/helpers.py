@@ -66,3 +66,25 @@ def perturb(base, role: str, seed: int, scale: float = 0.2) -> None:
     with torch.no_grad():
         for p in base.parameters(role):
             p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def run_two_ranks(fn, cfg, run: str) -> None:
+    """Fork two gloo training processes ``fn(rank, 2, port, cfg, run)``; fail (never hang) after 10 minutes."""
+    import socket
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.start_processes(fn, args=(2, port, cfg, run), nprocs=2, start_method="fork", join=False)
+    try:
+        for _ in range(60):
+            if ctx.join(timeout=10):
+                return
+        pytest.fail("the two training processes did not finish")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()

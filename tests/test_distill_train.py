@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import sys
 import warnings
 
@@ -22,7 +21,7 @@ from rmd.distill.train import (LORA_WEIGHT_NAME, checkpoint_name, complete_check
 from rmd.plan import PlanError
 from rmd.recipes import load_recipe
 
-from helpers import read_metrics, small
+from helpers import read_metrics, run_two_ranks, small
 
 METRIC_KEYS = {"step", "loss_generator", "loss_fake", "stage", "step_index", "dm_norm", "lr", "seconds"}
 
@@ -362,24 +361,9 @@ def test_two_gloo_processes_stay_in_sync(teacher_dir, tmp_path):
     The processes are forked (no second import of torch/diffusers: seconds instead of a minute);
     `torchrun --nproc_per_node 2 -m rmd.cli distill ...` runs the same code path.
     """
-    import torch.multiprocessing as mp
-
     cfg = small("toy-rmd", teacher_dir, max_steps=3, checkpoint_every=3, method_config={"warmup_iters": 0})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = str(tmp_path / "run")
-    ctx = mp.start_processes(_rank_main, args=(2, port, cfg, run), nprocs=2, start_method="fork", join=False)
-    try:
-        for _ in range(60):  # at most 10 minutes, then fail instead of hanging the suite
-            if ctx.join(timeout=10):
-                break
-        else:
-            pytest.fail("the two training processes did not finish")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_two_ranks(_rank_main, cfg, run)
     state = json.load(open(os.path.join(run, "checkpoints", checkpoint_name(3), "state.json")))
     assert state["world_size"] == 2
     assert len(state["rank_checksums"]) == 2 and state["rank_checksums"][0] == state["rank_checksums"][1]

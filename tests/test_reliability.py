@@ -20,7 +20,7 @@ from rmd.distill import algorithm
 from rmd.distill.config import write_config
 from rmd.distill.train import CHECKPOINT_PAUSE_ENV, complete_checkpoints, lora_checksum, train
 
-from helpers import read_metrics, small
+from helpers import read_metrics, run_two_ranks, small
 
 KEYS = ("step", "loss_generator", "loss_fake", "dm_norm", "stage", "step_index")
 STEPS = 8  # in-process fault tests
@@ -215,26 +215,9 @@ def _rank_with_nan_loss(rank: int, world: int, port: int, cfg, out: str) -> None
 def test_ranks_skip_together(teacher_dir, tmp_path):
     """One rank's non-finite loss (with finite gradients) makes every rank skip that update;
     otherwise the weights would part and the checkpoint's per-rank hashes would differ."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     cfg = _cfg(teacher_dir, max_steps=3, checkpoint_every=3)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     run = str(tmp_path / "run")
-    ctx = mp.start_processes(_rank_with_nan_loss, args=(2, port, cfg, run), nprocs=2, start_method="fork", join=False)
-    try:
-        for _ in range(60):
-            if ctx.join(timeout=10):
-                break
-        else:
-            pytest.fail("the two training processes did not finish")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
+    run_two_ranks(_rank_with_nan_loss, cfg, run)
     lines = read_metrics(run)
     assert [m["skipped_generator"] for m in lines] == [0, 1, 0]  # rank 0's loss was finite, yet it skipped
     state = json.load(open(os.path.join(run, "checkpoints", "step-00000003", "state.json")))

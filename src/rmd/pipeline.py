@@ -1,6 +1,6 @@
 """``RMDPipeline``: a distilled cascade as one object, in the diffusers manner.
 
-    pipe = RMDPipeline.from_pretrained("runs/rmd")           # a run folder, or an exported pipeline
+    pipe = RMDPipeline.from_pretrained("./runs/rmd")           # a run folder, or an exported pipeline
     pipe = pipe.to("cuda")
     images = pipe(["a red striped circle on the left on a black background"], seed=0).images
 
