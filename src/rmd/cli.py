@@ -17,6 +17,17 @@ class UserError(Exception):
     """A mistake in what the user asked for; printed without a traceback."""
 
 
+def _lazy(module: str, function: str):
+    """A command that imports ``rmd.<module>`` only when it runs (``rmd --help`` stays fast)."""
+
+    def run(args: argparse.Namespace) -> None:
+        import importlib
+
+        getattr(importlib.import_module(f"{__package__}.{module}"), function)(args)
+
+    return run
+
+
 def _cmd_schedule(args: argparse.Namespace) -> None:
     from .plan import make_plan
     from .recipes import load_recipe
@@ -78,30 +89,6 @@ def _cmd_toy_train_evaluator(args: argparse.Namespace) -> None:
     print(f"evaluator written to {args.out}")
 
 
-def _cmd_toy_eval(args: argparse.Namespace) -> None:
-    from .toy.evaluate import run_eval_command
-
-    run_eval_command(args)
-
-
-def _cmd_distill(args: argparse.Namespace) -> None:
-    from .distill.train import run_distill_command
-
-    run_distill_command(args)
-
-
-def _cmd_sample(args: argparse.Namespace) -> None:
-    from .distill.sample_cli import run_sample_command
-
-    run_sample_command(args)
-
-
-def _cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo_command
-
-    run_demo_command(args)
-
-
 def _cmd_ship_student(args: argparse.Namespace) -> None:
     from .demo import ship_student
 
@@ -123,7 +110,7 @@ def _add_distill_parsers(sub) -> None:
     d.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override one config value, e.g. --set method_config.gamma=0.5 --set batch_size=4 (repeatable)")
     d.add_argument("--quiet", action="store_true", help="no progress bar")
-    d.set_defaults(func=_cmd_distill)
+    d.set_defaults(func=_lazy("distill.train", "run_distill_command"))
 
     s = sub.add_parser("sample", help="sample a distilled generator from a run folder")
     s.add_argument("--run", required=True, help="a run folder written by `rmd distill`")
@@ -139,7 +126,7 @@ def _add_distill_parsers(sub) -> None:
     s.add_argument("--checkpoint", default=None,
                    help="final (the export), latest (newest checkpoint) or a step number; default final if exported")
     s.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    s.set_defaults(func=_cmd_sample)
+    s.set_defaults(func=_lazy("distill.sample_cli", "run_sample_command"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
     e.add_argument("--run", action="append", metavar="NAME=DIR",
                    help="also evaluate the generator of a finished `rmd distill` folder as row NAME (repeatable)")
-    e.set_defaults(func=_cmd_toy_eval)
+    e.set_defaults(func=_lazy("toy.evaluate", "run_eval_command"))
 
     _add_distill_parsers(sub)
 
@@ -203,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     dm.add_argument("--timing-batch", type=int, default=32, help="images per method and timing round")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
-    dm.set_defaults(func=_cmd_demo)
+    dm.set_defaults(func=_lazy("demo", "run_demo_command"))
 
     ab = sub.add_parser("ablate", help="reproduce one of the paper's ablations on the toy (train, evaluate, time; "
                                        "table and plot)")
@@ -217,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ab.add_argument("--timing-batch", type=int, default=32, help="images per arm and timing round")
     ab.add_argument("--quiet", action="store_true", help="no progress bars")
-    ab.set_defaults(func=_cmd_ablate)
+    ab.set_defaults(func=_lazy("ablate", "run_ablate_command"))
 
     pl = sub.add_parser("plan", help="FLOPs per step, predicted speedups and training memory of a recipe, from its "
                                      "public backbone config (no weights)")
@@ -226,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--lora-rank", type=int, default=None, help="LoRA rank per role (default: the recipe's, else 64)")
     pl.add_argument("--batch", type=int, default=2, help="batch size for the activation estimate")
     pl.add_argument("--json", action="store_true")
-    pl.set_defaults(func=_cmd_plan)
+    pl.set_defaults(func=_lazy("planner", "run_plan_command"))
 
     bn = sub.add_parser("bench", help="time the teacher, the N-step student and the cascades side by side "
                                       "(speedups, ideal speedups, efficiency, sampler overhead)")
@@ -238,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--out", default=None, help="also write the rows and the settings to this JSON file")
     bn.add_argument("--json", action="store_true", help="print the rows as JSON")
     bn.add_argument("--quiet", action="store_true")
-    bn.set_defaults(func=_cmd_bench)
+    bn.set_defaults(func=_lazy("bench", "run_bench_command"))
 
     ss = toy_sub.add_parser("ship-student", help="(maintainers) copy a finished toy run into the package as a "
                                                  "shipped demo baseline")
@@ -247,24 +234,6 @@ def build_parser() -> argparse.ArgumentParser:
     ss.add_argument("--command-line", default=None, help="the command that trained the run (for the record)")
     ss.set_defaults(func=_cmd_ship_student)
     return p
-
-
-def _cmd_plan(args: argparse.Namespace) -> None:
-    from .planner import run_plan_command
-
-    run_plan_command(args)
-
-
-def _cmd_bench(args: argparse.Namespace) -> None:
-    from .bench import run_bench_command
-
-    run_bench_command(args)
-
-
-def _cmd_ablate(args: argparse.Namespace) -> None:
-    from .ablate import run_ablate_command
-
-    run_ablate_command(args)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -68,9 +68,8 @@ class Method:
 def _student_method(name: str, run_cfg, lora_path: Optional[str], prefix: Optional[str], source: str,
                     record: dict[str, Any]) -> Method:
     """The run config's cascade with the generator LoRA at ``lora_path`` (None: the untrained, zero LoRA)."""
-    from .denoisers import CFGDenoiser
     from .distill.train import build_student, load_lora_weights, merged_copy
-    from .sampler import sample
+    from .sampler import sample_with
 
     student = build_student(run_cfg, torch.device("cpu"), synced=False)
     if lora_path is not None:
@@ -81,14 +80,11 @@ def _student_method(name: str, run_cfg, lora_path: Optional[str], prefix: Option
     den = from_model_like(merged_copy(student.base, "generator"))
     plan, smp = run_cfg.plan(), run_cfg.sampling
     per_step = 1 if smp.guidance_scale == 1.0 else 2
-    if smp.guidance_scale != 1.0:
-        den = CFGDenoiser(den, bb.encode([""]), smp.guidance_scale)
+    uncond = bb.encode([""])  # once, outside the timed calls
 
-    @torch.no_grad()
     def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
-        out = sample(den, plan, bb.encode(list(prompts)), list(seeds), eta=smp.eta, gamma=smp.gamma,
-                     upsample_mode=smp.upsample, num_frames=run_cfg.frames, decode=bb.decode)
-        return out.float().cpu()
+        return sample_with(den, plan, smp, bb.encode, prompts, seeds, uncond=uncond, num_frames=run_cfg.frames,
+                           decode=bb.decode)
 
     return Method(name, run_cfg.method, generate, float(plan.num_steps * per_step), source, record)
 

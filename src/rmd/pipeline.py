@@ -130,8 +130,7 @@ class RMDPipeline:
     def __call__(self, prompt: Union[str, Sequence[str]], num_images_per_prompt: int = 1, seed: int = 0,
                  seeds: Optional[Sequence[int]] = None, output_type: str = "pil",
                  batch_size: Optional[int] = None) -> RMDPipelineOutput:
-        from .denoisers import CFGDenoiser
-        from .sampler import sample
+        from .sampler import sample_with
 
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -144,14 +143,9 @@ class RMDPipeline:
             raise ValueError(f"{len(seeds)} seeds for {len(prompts)} images; give one seed per image")
         if output_type not in ("pil", "pt"):
             raise ValueError(f"output_type must be 'pil' or 'pt', got {output_type!r}")
-        den: Any = self.denoiser
-        smp = self.sampling
-        if smp.guidance_scale != 1.0:
-            den = CFGDenoiser(den, self.encode([""]), smp.guidance_scale)
-        out = sample(den, self.plan, self.encode(prompts), seeds, eta=smp.eta, gamma=smp.gamma,
-                     upsample_mode=smp.upsample, num_frames=self.info.get("frames"), batch_size=batch_size,
-                     decode=self.decode, device=self.device)
-        out = out.float().cpu()
+        out = sample_with(self.denoiser, self.plan, self.sampling, self.encode, prompts, seeds,
+                          num_frames=self.info.get("frames"), batch_size=batch_size, decode=self.decode,
+                          device=self.device)
         if output_type == "pt":
             return RMDPipelineOutput(out)
         from .distill.train import image_grid

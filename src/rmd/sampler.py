@@ -31,7 +31,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
-from .denoisers import Conditioning
+from .denoisers import CFGDenoiser, Conditioning
 from .plan import StagePlan
 from .schedules import marginal_std
 from .upsample import MODES, renoise, upsample, upsample_noise
@@ -173,6 +173,30 @@ def sample(
         return [torch.cat(per_step) for per_step in zip(*(getattr(p, name) for p in parts))]
 
     return out, Trajectory(x=joined("x"), x0_hat=joined("x0_hat"), eps_hat=joined("eps_hat"))
+
+
+def sample_with(
+    denoiser: Any,
+    plan: StagePlan,
+    settings: Any,
+    encode: Callable[[Sequence[str]], Conditioning],
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    uncond: Optional[Conditioning] = None,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """:func:`sample` with a run's sampling settings (``guidance_scale``, ``eta``, ``gamma``, ``upsample``).
+
+    Guided (CFG against ``uncond``, default ``encode([""])``) when ``settings.guidance_scale``
+    is not 1; returns float32 images (or latents) on the CPU. ``kwargs`` go to :func:`sample`.
+    """
+    if settings.guidance_scale != 1.0:
+        denoiser = CFGDenoiser(denoiser, uncond if uncond is not None else encode([""]), settings.guidance_scale)
+    with torch.no_grad():
+        out = sample(denoiser, plan, encode(list(prompts)), list(seeds), eta=settings.eta, gamma=settings.gamma,
+                     upsample_mode=settings.upsample, **kwargs)
+    return out.float().cpu()
 
 
 @torch.no_grad()

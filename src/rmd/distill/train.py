@@ -66,7 +66,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch import nn
 
-from ..denoisers import CFGDenoiser, Conditioning, Denoiser, from_model
+from ..denoisers import Conditioning, Denoiser, from_model
 from ..plan import PlanError
 from .algorithm import MethodConfig, distill_iteration
 from .config import LOGISTIC_KEYS, RunConfig, config_differences, load_run_config, write_config
@@ -511,17 +511,12 @@ def export_generator(run_dir: str, student: Student) -> dict[str, str]:
 @torch.no_grad()
 def sample_images(student: Student, prompts: Sequence[str], seeds: Sequence[int]) -> torch.Tensor:
     """The generator's cascade (Algorithm 2) with the run's sampling settings; images in [-1, 1]."""
-    from ..sampler import sample
+    from ..sampler import sample_with
 
     cfg, bb = student.cfg, student.backbone
     with student.base.as_role("generator"):
-        den: Any = student.denoiser()
-        cond = bb.encode(list(prompts))
-        if cfg.sampling.guidance_scale != 1.0:
-            den = CFGDenoiser(den, bb.encode([""]), cfg.sampling.guidance_scale)
-        out = sample(den, cfg.plan(), cond, list(seeds), eta=cfg.sampling.eta, gamma=cfg.sampling.gamma,
-                     upsample_mode=cfg.sampling.upsample, num_frames=cfg.frames, decode=bb.decode)
-    return out.float().cpu()
+        return sample_with(student.denoiser(), cfg.plan(), cfg.sampling, bb.encode, prompts, seeds,
+                           num_frames=cfg.frames, decode=bb.decode)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 4, pad: int = 2):
