@@ -16,7 +16,8 @@ from PIL import Image
 
 from rmd.cli import UserError, main
 from rmd.distill.config import load_run_config, resolve
-from rmd.distill.train import (LORA_WEIGHT_NAME, checkpoint_name, complete_checkpoints, image_grid, lora_checksum,
+from rmd.lora import LORA_WEIGHT_NAME
+from rmd.distill.train import (checkpoint_name, complete_checkpoints, image_grid, lora_checksum,
                                train)
 from rmd.plan import PlanError
 from rmd.recipes import load_recipe

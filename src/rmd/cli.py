@@ -103,7 +103,10 @@ def _add_distill_parsers(sub) -> None:
     d.add_argument("--out", required=True, help="run folder (metrics.jsonl, checkpoints/, export/, ...)")
     d.add_argument("--max-steps", type=int, help="generator updates in total (overrides the config)")
     d.add_argument("--checkpoint-every", type=int, help="write a checkpoint every K iterations")
-    d.add_argument("--teacher", help="teacher model folder (overrides the config)")
+    d.add_argument("--model", "--teacher", dest="teacher",
+                   help="teacher model folder: a local diffusers pipeline folder for sdxl / pixart-sigma / sd35-medium "
+                        "/ wan21-* recipes (default for toy recipes: the shipped toy teacher)")
+    d.add_argument("--prompts", help="prompt file to distil from (.txt one per line, .jsonl, .csv); real backbones")
     d.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
     d.add_argument("--overwrite", action="store_true",
                    help="delete the run already in --out (its checkpoints, metrics, exports) and start again")

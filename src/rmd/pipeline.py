@@ -28,7 +28,9 @@ CASCADE_FILE = "rmd_cascade.json"
 
 @dataclass
 class RMDPipelineOutput:
-    images: Union[list, torch.Tensor]  # PIL images, or a (B, C, H, W) tensor in [-1, 1] with output_type="pt"
+    # PIL images (video: a list of PIL frames per video), or with output_type="pt" a tensor in [-1, 1],
+    # (B, C, H, W) or for video (B, C, T, H, W)
+    images: Union[list, torch.Tensor]
 
 
 def cascade_info(cfg) -> dict[str, Any]:
@@ -76,17 +78,43 @@ class RMDPipeline:
                                 "run folder (no export/generator_full); finish the run, or point at its export")
         with open(os.path.join(folder, CASCADE_FILE), encoding="utf-8") as f:
             info = json.load(f)
-        if info.get("backbone") != "toy":
-            raise UserError(f"{folder}: loading a {info.get('backbone')!r} pipeline is not wired up yet; only the "
-                            "toy backbone has a loader so far")
-        from .toy.teacher import load_teacher
+        backbone = info.get("backbone")
+        if backbone == "toy":
+            from .toy.teacher import load_teacher
 
-        try:
-            teacher = load_teacher(folder)
-        except (FileNotFoundError, ValueError) as e:
-            raise UserError(str(e)) from None
-        pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, teacher.text.model])
+            try:
+                teacher = load_teacher(folder)
+            except (FileNotFoundError, ValueError) as e:
+                raise UserError(str(e)) from None
+            pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, teacher.text.model])
+        else:
+            pipe = cls._from_family_folder(folder, info, backbone)
         return pipe.to(device) if device is not None else pipe
+
+    @classmethod
+    def _from_family_folder(cls, folder: str, info: dict[str, Any], backbone: str) -> "RMDPipeline":
+        """A real family's pipeline folder: the stock diffusers pipeline's parts around the merged network."""
+        from functools import partial
+
+        from .cli import UserError
+        from .denoisers import from_model
+        from .distill.family_backbone import vae_factors
+        from .families import FAMILIES, encode_prompts, load_pipeline, network_of
+        from .vae import codec_from_vae
+
+        if backbone not in FAMILIES:
+            raise UserError(f"{folder}: {CASCADE_FILE} names backbone {backbone!r}; known: toy, {', '.join(FAMILIES)}")
+        diffusers_pipe = load_pipeline(folder, backbone)
+        net = network_of(diffusers_pipe, backbone)
+        spatial, temporal = vae_factors(diffusers_pipe)
+        den = from_model(net, dict(diffusers_pipe.scheduler.config), vae_scale_factor=spatial,
+                         vae_temporal_factor=temporal)
+        texts = [m for n, m in diffusers_pipe.components.items() if n.startswith("text_encoder") and m is not None]
+        codec = codec_from_vae(diffusers_pipe.vae)
+        pipe = cls(folder, info, den, partial(encode_prompts, diffusers_pipe, backbone),
+                   [net, *texts, diffusers_pipe.vae], decode=codec.decode)
+        pipe.diffusers_pipeline = diffusers_pipe
+        return pipe
 
     def save_pretrained(self, path: str, overwrite: bool = False) -> None:
         """Copy the pipeline folder (weights, text encoder, tokenizer, ``rmd_cascade.json``) to ``path``.
@@ -150,4 +178,6 @@ class RMDPipeline:
             return RMDPipelineOutput(out)
         from .distill.train import image_grid
 
+        if out.ndim == 5:  # video (B, C, T, H, W): a list of frames per video
+            return RMDPipelineOutput([[image_grid(v[:, t][None]) for t in range(v.shape[1])] for v in out])
         return RMDPipelineOutput([image_grid(img[None]) for img in out])

@@ -72,7 +72,8 @@ class RunConfig(DistillConfig):
 
 def _default_teacher(backbone: str) -> str:
     if backbone != "toy":
-        raise PlanError(f"backbone {backbone!r} has no default teacher; set distill.teacher to a model folder")
+        raise PlanError(f"backbone {backbone!r} has no default teacher: give --model PATH (a local diffusers "
+                        "pipeline folder) or set distill.teacher in the recipe")
     from ..toy.teacher import TEACHER_DIR
 
     return TEACHER_DIR
@@ -110,6 +111,8 @@ def resolve(recipe: Recipe, **overrides: Any) -> RunConfig:
     if data.get("teacher") is None:
         data["teacher"] = _default_teacher(recipe.backbone)
     data["teacher"] = os.path.abspath(os.path.expanduser(str(data["teacher"])))
+    if data.get("prompts") is not None:
+        data["prompts"] = os.path.abspath(os.path.expanduser(str(data["prompts"])))
     if data.get("fake_lr") is None and isinstance(data.get("generator_lr"), (int, float)):
         data["fake_lr"] = data["generator_lr"] * (5.0 if method == "tdm" else 1.0)  # TDM: fake lr 5x (METHOD 6)
     return _validate(data, f"recipe {recipe.name!r}")
@@ -154,8 +157,9 @@ def load_run_config(name_or_path: str, **overrides: Any) -> RunConfig:
             method_over = overrides.pop("method_config", None)
             if method_over and isinstance(data.get("method_config"), dict):
                 data["method_config"] = {**data["method_config"], **method_over}
-            if "teacher" in overrides and overrides["teacher"] is not None:
-                overrides["teacher"] = os.path.abspath(os.path.expanduser(str(overrides["teacher"])))
+            for key in ("teacher", "prompts"):
+                if overrides.get(key) is not None:
+                    overrides[key] = os.path.abspath(os.path.expanduser(str(overrides[key])))
             return _validate({**data, **overrides}, name_or_path)
     return resolve(load_recipe(name_or_path), **overrides)
 

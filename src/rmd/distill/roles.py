@@ -37,6 +37,21 @@ def default_lora_targets(model: nn.Module) -> list[str]:
     return present
 
 
+def with_adapter_methods(model: nn.Module) -> nn.Module:
+    """Give a diffusers model diffusers' peft methods (``add_adapter``, ``set_adapter``, ``fuse_lora``...).
+
+    Most diffusers networks inherit ``PeftAdapterMixin``; ``PixArtTransformer2DModel`` does not
+    (diffusers 0.42). Its instance gets a subclass of the same name that adds the mixin, so
+    the roles, merging and saving work unchanged, and a saved config still names the real class.
+    """
+    from diffusers.loaders.peft import PeftAdapterMixin
+
+    if not isinstance(model, PeftAdapterMixin):
+        cls = type(model)
+        model.__class__ = type(cls.__name__, (cls, PeftAdapterMixin), {"__module__": cls.__module__})
+    return model
+
+
 class SharedBase:
     """Wraps a diffusers model that supports peft adapters (``add_adapter``/``set_adapter``)."""
 
@@ -44,7 +59,7 @@ class SharedBase:
                  targets: Optional[Sequence[str]] = None, init_seed: int = 0):
         from peft import LoraConfig
 
-        self.model = model
+        self.model = model = with_adapter_methods(model)
         model.requires_grad_(False)
         targets = list(targets) if targets is not None else default_lora_targets(model)
         for name in ("generator", "fake"):

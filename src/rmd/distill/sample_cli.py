@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence, Union
 import torch
 
 from .config import RunConfig, load_run_config
-from .train import (LORA_WEIGHT_NAME, Student, _user_error, build_student, check_writable_folder, checkpoint_name,
+from ..lora import LORA_WEIGHT_NAME
+from .train import (Student, _user_error, build_student, check_writable_folder, checkpoint_name,
                     complete_checkpoints, image_grid, load_lora_weights, sample_images)
 
 
@@ -53,7 +54,7 @@ def load_run(run_dir: str, checkpoint: Union[str, int, None] = None,
         raise _user_error(f"{run_dir} has no config.yaml; give the folder a `rmd distill --out` wrote")
     cfg: RunConfig = load_run_config(cfg_path)
     path, is_export = generator_weights(run_dir, checkpoint)
-    student = build_student(cfg, torch.device(device), synced=False)
+    student = build_student(cfg, torch.device(device), synced=False, sampling=True)
     load_lora_weights(student.base, "generator", path, prefix=student.backbone.lora_prefix if is_export else None)
     student.base.role("generator")
     return student
@@ -63,6 +64,13 @@ def sample_run(run_dir: str, prompts: Sequence[str], seeds: Sequence[int], check
                device: Union[str, torch.device] = "cpu") -> torch.Tensor:
     """Images in [-1, 1], one per (prompt, seed)."""
     return sample_images(load_run(run_dir, checkpoint, device), prompts, seeds)
+
+
+def _is_video_run(run_dir: str) -> bool:
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(cfg_path):
+        raise _user_error(f"{run_dir} has no config.yaml; give the folder a `rmd distill --out` wrote")
+    return load_run_config(cfg_path).frames is not None
 
 
 def run_sample_command(args: Any) -> None:
@@ -76,6 +84,7 @@ def run_sample_command(args: Any) -> None:
     """
     import json
 
+    from ..media import save_sample
     from ..prompts import PromptFileError, read_prompt_file, seeds_for
 
     if (args.prompt is None) == (args.prompts is None):
@@ -89,29 +98,38 @@ def run_sample_command(args: Any) -> None:
     local = int(os.environ.get("LOCAL_RANK", "0"))
     device: Optional[str] = args.device or (f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     if args.prompt is not None:
-        if not args.out.lower().endswith(".png"):
-            raise _user_error(f"--out must be a .png file with --prompt, got {args.out!r}")
+        video = _is_video_run(args.run)
+        suffix = ".mp4" if video else ".png"
+        if not args.out.lower().endswith(suffix):
+            raise _user_error(f"--out must be a {suffix} file with --prompt for this run, got {args.out!r}")
+        if video and args.num_images > 1:
+            raise _user_error("a video run writes one MP4 per --prompt; use --prompts FILE for several videos")
         check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
         seeds = [args.seed + i for i in range(args.num_images)]
         try:
             images = sample_run(args.run, [args.prompt] * len(seeds), seeds, args.checkpoint, device)
         except ValueError as e:  # e.g. a prompt the toy tokenizer cannot take
             raise _user_error(str(e)) from None
-        image_grid(images).save(args.out)
-        print(f"wrote {args.out} ({len(seeds)} image(s), seeds {seeds[0]}..{seeds[-1]})")
+        if video:
+            from ..media import save_video
+
+            save_video(images[0], args.out)
+        else:
+            image_grid(images).save(args.out)
+        print(f"wrote {args.out} ({len(seeds)} sample(s), seeds {seeds[0]}..{seeds[-1]})")
         return
 
     try:  # everything about the file is checked before a model is loaded
         pf = read_prompt_file(args.prompts)
     except PromptFileError as e:
         raise _user_error(str(e)) from None
-    if args.out.lower().endswith(".png"):
-        raise _user_error(f"with --prompts, --out is a folder (one PNG + JSON per prompt), got {args.out!r}")
+    if args.out.lower().endswith((".png", ".mp4")):
+        raise _user_error(f"with --prompts, --out is a folder (one PNG or MP4 + JSON per prompt), got {args.out!r}")
     check_writable_folder(args.out, "--out")
     seeds = seeds_for(pf.entries, args.seed)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     mine = list(range(rank, len(pf.entries), world))
-    taken = [i for i in mine if os.path.exists(os.path.join(args.out, f"{i:06d}.png"))]
+    taken = [i for i in mine if any(os.path.exists(os.path.join(args.out, f"{i:06d}{x}")) for x in (".png", ".mp4"))]
     if taken and not args.overwrite:
         raise _user_error(f"--out {args.out!r} already holds {len(taken)} of these samples (e.g. {taken[0]:06d}.png); "
                           "pass --overwrite to replace them, or choose another folder")
@@ -132,9 +150,8 @@ def run_sample_command(args: Any) -> None:
         images = sample_images(student, [pf.entries[i].text for i in chunk], [seeds[i] for i in chunk])
         for i, img in zip(chunk, images):
             stem = os.path.join(args.out, f"{i:06d}")
-            image_grid(img[None]).save(stem + ".png.tmp", format="PNG")
-            os.replace(stem + ".png.tmp", stem + ".png")
-            meta = {"index": i, "prompt": pf.entries[i].text, "seed": seeds[i], "line": pf.entries[i].line,
+            written_path = save_sample(img, stem)
+            meta = {"index": i, "file": os.path.basename(written_path), "prompt": pf.entries[i].text, "seed": seeds[i], "line": pf.entries[i].line,
                     "run": os.path.abspath(args.run), "checkpoint": args.checkpoint or "default",
                     "recipe": student.cfg.recipe, "method": student.cfg.method,
                     "plan": [f"{st.size[0]}x{st.size[1]}" for st in student.cfg.plan().steps],
@@ -144,4 +161,4 @@ def run_sample_command(args: Any) -> None:
             written += 1
     skipped = f"; {pf.blank_lines} blank line(s) skipped" if pf.blank_lines else ""
     part = f" (process {rank} of {world})" if world > 1 else ""
-    print(f"wrote {written} image(s) with metadata to {args.out}{part}{skipped}")
+    print(f"wrote {written} sample(s) with metadata to {args.out}{part}{skipped}")

@@ -76,7 +76,6 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_FILES = ("generator.safetensors", "fake.safetensors", "optimizer.pt", "config.yaml", "state.json")
 HEADS_FILE = "heads.safetensors"  # only in runs with a discriminator head (gan_weight > 0)
 _CKPT_NAME = re.compile(r"^step-(\d{8})$")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default file name
 
 
 def _user_error(msg: str) -> Exception:
@@ -124,10 +123,9 @@ class Backbone:
         return self
 
 
-def _toy_backbone(cfg: RunConfig) -> Backbone:
+def _toy_backbone(cfg: RunConfig, sampling: bool = False) -> Backbone:
     """The toy SD3-class teacher (pixel space) and its CLIP-style text tower."""
-    from diffusers.loaders import SD3LoraLoaderMixin
-
+    from ..lora import save_generator_lora
     from ..toy.teacher import load_teacher, save_teacher
     from ..toy.world import prompt_for, render, sample_scenes
 
@@ -154,8 +152,7 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
         return [prompt_for(s, i) for i, s in enumerate(sample_scenes(n, 20240607, split="train"))]
 
     def save_lora(state: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
-        SD3LoraLoaderMixin.save_lora_weights(path, transformer_lora_layers=state, weight_name=LORA_WEIGHT_NAME,
-                                             transformer_lora_adapter_metadata=metadata)
+        save_generator_lora("toy", state, metadata, path)
 
     return Backbone(
         name="toy",
@@ -172,19 +169,27 @@ def _toy_backbone(cfg: RunConfig) -> Backbone:
     )
 
 
-# Other families plug in here: a loader that returns a Backbone around
-# rmd.denoisers.from_model(model, scheduler_config, vae_scale_factor=...), their text encoders
-# and VAE decode, and their diffusers LoRA mixin (e.g. StableDiffusionXLLoraLoaderMixin, "unet").
-BACKBONES: dict[str, Callable[[RunConfig], Backbone]] = {"toy": _toy_backbone}
+def _family_backbone(cfg: RunConfig, sampling: bool = False) -> Backbone:
+    from .family_backbone import family_backbone
+
+    return family_backbone(cfg, sampling=sampling)
 
 
-def build_backbone(cfg: RunConfig) -> Backbone:
+# A new family plugs in here: a loader that returns a Backbone around rmd.denoisers.from_model
+# (see rmd.distill.family_backbone and the family table in rmd.families).
+BACKBONES: dict[str, Callable[..., Backbone]] = {
+    "toy": _toy_backbone, "sdxl": _family_backbone, "pixart-sigma": _family_backbone, "sd3": _family_backbone,
+    "wan": _family_backbone}
+
+
+def build_backbone(cfg: RunConfig, sampling: bool = False) -> Backbone:
+    """The run's model family; ``sampling=True``: for sampling only (any prompt, no training prompt list)."""
     if cfg.backbone not in BACKBONES:
         raise _user_error(
             f"distillation of backbone {cfg.backbone!r} is not wired up yet (available: {sorted(BACKBONES)}); "
             "register a loader in rmd.distill.train.BACKBONES that builds a Backbone around rmd.denoisers.from_model"
         )
-    return BACKBONES[cfg.backbone](cfg)
+    return BACKBONES[cfg.backbone](cfg, sampling=sampling)
 
 
 # --- the shared base, synchronised over processes ------------------------------------------
@@ -264,9 +269,14 @@ class Student:
         return self.lora_params() + self.head_params()
 
 
-def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced: bool = True) -> Student:
-    """Teacher network + generator and fake LoRA adapters (B = 0: both start as the teacher)."""
-    backbone = build_backbone(cfg)
+def build_student(cfg: RunConfig, device: Optional[torch.device] = None, synced: bool = True,
+                  sampling: bool = False) -> Student:
+    """Teacher network + generator and fake LoRA adapters (B = 0: both start as the teacher).
+
+    ``sampling=True`` builds it to sample from (``rmd sample``): real families then keep their
+    text encoders instead of reading the training prompts' embedding cache.
+    """
+    backbone = build_backbone(cfg, sampling=sampling)
     method = cfg.method_config
     den = backbone.make_denoiser()
     for size in dict.fromkeys(step.size for step in cfg.plan().steps):
@@ -520,9 +530,17 @@ def sample_images(student: Student, prompts: Sequence[str], seeds: Sequence[int]
 
 
 def image_grid(images: torch.Tensor, nrow: int = 4, pad: int = 2):
-    """(B, 3, H, W) in [-1, 1] -> a PIL image, ``nrow`` images per row."""
+    """(B, 3, H, W) in [-1, 1] -> a PIL image, ``nrow`` images per row.
+
+    Videos (B, 3, T, H, W) become one row of frames per video (at most 8 frames, evenly spaced).
+    """
     from PIL import Image
 
+    if images.ndim == 5:
+        b, c, t = images.shape[:3]
+        keep = torch.linspace(0, t - 1, min(t, 8)).round().long()
+        frames = images[:, :, keep].transpose(1, 2)  # (B, T', 3, H, W)
+        return image_grid(frames.reshape(-1, c, *images.shape[-2:]), nrow=len(keep), pad=pad)
     imgs = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     b, _, h, w = imgs.shape
     if b == 1:
@@ -829,7 +847,10 @@ def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int
     image_grid(images).save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
     if writer is not None:
-        writer.add_images("samples", (images.clamp(-1, 1) + 1) / 2, step)
+        if images.ndim == 5:
+            writer.add_video("samples", ((images.clamp(-1, 1) + 1) / 2).transpose(1, 2), step, fps=8)
+        else:
+            writer.add_images("samples", (images.clamp(-1, 1) + 1) / 2, step)
 
 
 # --- command line ---------------------------------------------------------------------------
@@ -915,7 +936,8 @@ def run_distill_command(args: Any) -> None:
     check_writable_folder(args.out)
     overrides = parse_set_options(getattr(args, "set", None) or [])
     overrides.update({k: v for k, v in (("max_steps", args.max_steps), ("checkpoint_every", args.checkpoint_every),
-                                        ("teacher", args.teacher)) if v is not None})
+                                        ("teacher", args.teacher), ("prompts", getattr(args, "prompts", None)))
+                      if v is not None})
     cfg = load_run_config(source, **overrides)
     result = train(cfg, args.out, resume=args.resume, progress=not args.quiet,
                    overwrite=getattr(args, "overwrite", False))

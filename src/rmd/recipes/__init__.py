@@ -82,7 +82,10 @@ class DistillConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     method: Literal["rmd", "dmd2", "tdm", "naive", "swd"] = "rmd"
-    teacher: Optional[str] = Field(None, description="teacher model folder (default: the shipped toy teacher)")
+    teacher: Optional[str] = Field(None, description="teacher model folder (default: the shipped toy teacher); "
+                                   "for real backbones a local diffusers pipeline folder (`rmd distill --model`)")
+    prompts: Optional[str] = Field(None, description="prompt file to distil from (.txt, .jsonl, .csv); required for "
+                                   "real backbones, unused by the toy (its world draws prompts)")
     method_config: MethodOverrides = Field(default_factory=MethodOverrides)  # type: ignore[valid-type]
     lora_rank: int = Field(16, ge=1)
     lora_alpha: Optional[float] = Field(None, gt=0, description="default: lora_rank (LoRA scale 1)")

@@ -1,0 +1,170 @@
+"""The trainer's :class:`~rmd.distill.train.Backbone` for a real diffusers model folder.
+
+``rmd distill --recipe sdxl --model PATH --prompts FILE`` lands here. In order, before any
+weight is loaded: the folder is checked (:func:`rmd.families.check_model_folder`) and the prompt
+file is read and checked (:mod:`rmd.prompts`). Then:
+
+1. the stock pipeline is loaded from the folder (never the hub), in bf16 when the run is;
+2. the prompts (and "") are encoded once into the embedding cache (:mod:`rmd.embedding_cache`;
+   on several processes, rank 0 builds it while the others wait), and the text encoders are
+   dropped: training reads embeddings from the cache;
+3. the VAE stays on the CPU and visits the model's device only to decode a sample grid.
+
+The merged export is a complete diffusers pipeline folder: the other components are copied from
+the teacher folder, the network is the merged generator, plus ``rmd_cascade.json``
+(:class:`rmd.pipeline.RMDPipeline` reads it; ``DiffusionPipeline.from_pretrained`` ignores it).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..denoisers import from_model
+from .config import RunConfig
+
+
+def _user_error(msg: str) -> Exception:
+    from ..cli import UserError
+
+    return UserError(msg)
+
+
+def read_training_prompts(cfg: RunConfig) -> list[str]:
+    from ..prompts import PromptFileError, read_prompt_file
+
+    if not cfg.prompts:
+        raise _user_error(f"backbone {cfg.backbone!r} distils from a prompt list (data-free, METHOD 5): give "
+                          "--prompts FILE (.txt one per line, .jsonl or .csv) or set distill.prompts in the recipe")
+    try:
+        return read_prompt_file(cfg.prompts).prompts
+    except PromptFileError as e:
+        raise _user_error(f"--prompts: {e}") from None
+
+
+def vae_factors(pipe: Any) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the pipeline's VAE."""
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    return int(spatial), int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
+
+
+def _text_components(pipe: Any) -> list[str]:
+    return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+            if getattr(pipe, n, None) is not None]
+
+
+def _synchronised(build, is_main: bool) -> None:
+    """Run ``build`` on rank 0 while the other ranks wait (one process: just run it)."""
+    dist = torch.distributed
+    multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if is_main or not multi:
+        build()
+    if multi:
+        dist.barrier()
+
+
+def family_backbone(cfg: RunConfig, sampling: bool = False):
+    """The Backbone of ``cfg.teacher``; ``sampling=True``: encode any prompt with the text encoders (no cache)."""
+    from ..families import check_model_folder, encode_prompts, family, load_pipeline, network_of
+    from ..lora import save_generator_lora
+    from ..vae import codec_from_vae
+    from .train import Backbone
+
+    fam = family(cfg.backbone)
+    check_model_folder(cfg.teacher, cfg.backbone)
+    prompts = [] if sampling else read_training_prompts(cfg)
+    dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
+    pipe = load_pipeline(cfg.teacher, cfg.backbone, dtype=dtype)
+    model = network_of(pipe, cfg.backbone)
+    spatial, temporal = vae_factors(pipe)
+    scheduler_config = dict(pipe.scheduler.config)
+
+    vae = pipe.vae
+    codec = codec_from_vae(vae)
+    if sampling:
+        text_modules = [getattr(pipe, n) for n in _text_components(pipe) if n.startswith("text_encoder")]
+        encode = partial(encode_prompts, pipe, cfg.backbone)
+    else:
+        text_modules = []
+        encode = _cached_encoder(cfg, pipe, prompts, cache_dtype=torch.bfloat16 if dtype is not None else torch.float32)
+        del pipe  # the text encoders go with it: training reads the cache
+
+    @torch.no_grad()
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        if sampling:  # the VAE moves with the model (extra_modules)
+            return codec.decode(latents)
+        vae.to(latents.device)  # in training the VAE lives on the CPU between sample grids
+        try:
+            return codec.decode(latents)
+        finally:
+            vae.to("cpu")
+
+    def train_prompts(n: int, rng: random.Random) -> list[str]:
+        return [prompts[rng.randrange(len(prompts))] for _ in range(n)]
+
+    def sample_prompts(n: int) -> list[str]:
+        return [prompts[i % len(prompts)] for i in range(n)] if prompts else [""] * n  # fixed across the run
+
+    def save_full(merged: nn.Module, path: str) -> None:
+        copy_components(cfg.teacher, path, skip=(fam.network,))
+        merged.save_pretrained(os.path.join(path, fam.network), safe_serialization=True)
+
+    def save_lora(state: dict[str, torch.Tensor], metadata: dict, path: str) -> None:
+        save_generator_lora(cfg.backbone, state, metadata, path)
+
+    return Backbone(
+        name=cfg.backbone,
+        model=model,
+        make_denoiser=lambda: from_model(model, scheduler_config, vae_scale_factor=spatial,
+                                         vae_temporal_factor=temporal),
+        encode=encode,
+        train_prompts=train_prompts,
+        sample_prompts=sample_prompts,
+        save_full=save_full,
+        save_lora=save_lora,
+        lora_prefix=fam.lora_prefix,
+        decode=decode,
+        extra_modules=text_modules + ([vae] if sampling else []),
+    )
+
+
+def _cached_encoder(cfg: RunConfig, pipe: Any, prompts: list[str], cache_dtype: torch.dtype):
+    """``encode`` reading the embedding cache of (model, prompts), built first if missing."""
+    from ..embedding_cache import EmbeddingCache, build_cache, cache_digest, cache_root
+    from ..families import encode_prompts, family
+
+    texts = _text_components(pipe)
+    digest = cache_digest(cfg.teacher, texts, prompts, backbone=cfg.backbone, dtype=str(cache_dtype),
+                          max_sequence_length=family(cfg.backbone).max_sequence_length)
+    folder = os.path.join(cache_root(), f"{cfg.backbone}-{digest}")
+    if not os.path.isfile(os.path.join(folder, "index.json")):
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+        def build() -> None:
+            for name in texts:
+                if name.startswith("text_encoder"):
+                    getattr(pipe, name).to(device)
+            os.makedirs(cache_root(), exist_ok=True)
+            build_cache(folder, prompts, lambda p: encode_prompts(pipe, cfg.backbone, p, device), dtype=cache_dtype)
+
+        _synchronised(build, int(os.environ.get("RANK", "0")) == 0)
+    return EmbeddingCache(folder).encode
+
+
+def copy_components(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
+    """Copy a diffusers pipeline folder's files except the ``skip`` components."""
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        if name in skip:
+            continue
+        s, d = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.isdir(s):
+            shutil.copytree(s, d)
+        else:
+            shutil.copy2(s, d)
