@@ -82,6 +82,44 @@ def _edit_transformer(key: str, value) -> Callable[[str], None]:
     return edit
 
 
+def _tiny_sdxl(tmp: str, edit: Callable[[str], None] = lambda folder: None, family: str = "sdxl") -> str:
+    """A tiny complete diffusers pipeline folder (rmd.tiny_pipelines), then ``edit(folder)``."""
+    from rmd.tiny_pipelines import save_tiny_pipeline
+
+    folder = save_tiny_pipeline(family, os.path.join(tmp, "model"))
+    edit(folder)
+    return folder
+
+
+def _edit_json(component: str, key: str, value) -> Callable[[str], None]:
+    def edit(folder: str) -> None:
+        path = os.path.join(folder, component, "config.json") if component else os.path.join(folder, "model_index.json")
+        cfg = json.load(open(path))
+        cfg[key] = value
+        json.dump(cfg, open(path, "w"))
+    return edit
+
+
+def _drop_component(name: str) -> Callable[[str], None]:
+    def edit(folder: str) -> None:
+        shutil.rmtree(os.path.join(folder, name))
+    return edit
+
+
+def _drop_weights(name: str) -> Callable[[str], None]:
+    def edit(folder: str) -> None:
+        for f in os.listdir(os.path.join(folder, name)):
+            if f.endswith(".safetensors"):
+                os.remove(os.path.join(folder, name, f))
+    return edit
+
+
+def _real(tmp: str, model: str, *extra: str, prompts: bool = True) -> list:
+    """``rmd distill --recipe sdxl --model MODEL [--prompts p.txt]``."""
+    argv = ["distill", "--recipe", "sdxl", "--model", model, "--out", os.path.join(tmp, "run"), "--quiet", *extra]
+    return argv + (["--prompts", _write(os.path.join(tmp, "p.txt"), "a red cat\n")] if prompts else [])
+
+
 def _used_folder(tmp: str, teacher: str) -> list:
     run = os.path.join(tmp, "run")
     _write(os.path.join(run, "metrics.jsonl"), '{"step": 1}\n')
@@ -141,6 +179,29 @@ CASES = [
          lambda t, te: ["distill", "--recipe", "toy-rmd", "--teacher",
                         _teacher_copy(t, te, _edit_transformer("in_channels", 4)),
                         "--out", os.path.join(t, "run"), "--quiet"], "3 and 3"),
+    # --- real model folders (rmd distill --recipe sdxl --model FOLDER) ------------------------
+    Case("model", "real recipe without --model",
+         lambda t, te: ["distill", "--recipe", "sdxl", "--out", os.path.join(t, "run")], "give --model PATH"),
+    Case("model", "not a diffusers pipeline folder", lambda t, te: _real(t, _write(os.path.join(t, "m", "x"), "")
+                                                                          and os.path.join(t, "m")),
+         "no readable model_index.json"),
+    Case("model", "a component missing", lambda t, te: _real(t, _tiny_sdxl(t, _drop_component("text_encoder_2"))),
+         "text_encoder_2 (text encoder 2): the folder text_encoder_2/ is missing"),
+    Case("model", "a component without weights", lambda t, te: _real(t, _tiny_sdxl(t, _drop_weights("unet"))),
+         "unet/ holds no weights"),
+    Case("model", "a folder of another family", lambda t, te: _real(t, _tiny_sdxl(t, family="sd3")),
+         "unet (the denoising UNet): missing from model_index.json"),
+    Case("model", "a component of the wrong class",
+         lambda t, te: _real(t, _tiny_sdxl(t, _edit_json("", "vae", ["diffusers", "AutoencoderTiny"]))),
+         "names AutoencoderTiny, expected AutoencoderKL"),
+    Case("model", "latent channels that do not fit the VAE",
+         lambda t, te: _real(t, _tiny_sdxl(t, _edit_json("unet", "in_channels", 8))),
+         "unet.in_channels is 8 but the vae makes 4-channel latents"),
+    Case("model", "text widths that do not fit the text encoders",
+         lambda t, te: _real(t, _tiny_sdxl(t, _edit_json("unet", "cross_attention_dim", 48))),
+         "unet.cross_attention_dim is 48"),
+    Case("model", "real recipe without --prompts", lambda t, te: _real(t, _tiny_sdxl(t), prompts=False),
+         "give --prompts FILE"),
     # --- resolutions --------------------------------------------------------------------------
     Case("resolution", "a resolution the backbone cannot take (not a multiple of its patch)",
          lambda t, te: _distill(t, _variant(t, te, "[16, 32]", "[15, 30]")),

@@ -193,3 +193,18 @@ def _pixels(path):
     from PIL import Image
 
     return torch.tensor(np.asarray(Image.open(path)), dtype=torch.int16)
+
+
+@pytest.mark.parametrize("recipe, gamma, warmup, sample_gamma, batch", [
+    ("sdxl", 0.2, 50, 1.0, 4), ("pixart-sigma", 0.2, 50, 1.0, 4), ("sd35-medium", 0.2, 50, 1.0, 4),
+    ("wan21-14b", 0.5, 20, 0.9, 1), ("wan21-1.3b", 0.5, 20, 0.9, 1)])
+def test_real_recipes_carry_the_papers_training_settings(recipe, gamma, warmup, sample_gamma, batch, tmp_path):
+    """Paper, implementation details: gamma 0.2 / 0.5 in training, 1.0 / 0.9 at inference, warm-up 50 / 20,
+    batch 32 images (8 processes x 4) / 4 videos (4 x 1), clipping 1.0; bf16 and gradient checkpointing."""
+    from rmd.distill.config import load_run_config
+
+    cfg = load_run_config(recipe, teacher=str(tmp_path / "m"), prompts="p.txt")
+    m = cfg.method_config
+    assert (cfg.method, m.gamma, m.warmup_iters, cfg.sampling.gamma) == ("rmd", gamma, warmup, sample_gamma)
+    assert (cfg.batch_size, cfg.grad_clip, cfg.mixed_precision, cfg.gradient_checkpointing) == (batch, 1.0, "bf16", True)
+    assert m.fake_updates == 1 and cfg.teacher == str(tmp_path / "m") and os.path.isabs(cfg.prompts)

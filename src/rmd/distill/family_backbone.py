@@ -40,7 +40,7 @@ def read_training_prompts(cfg: RunConfig) -> list[str]:
     from ..prompts import PromptFileError, read_prompt_file
 
     if not cfg.prompts:
-        raise _user_error(f"backbone {cfg.backbone!r} distils from a prompt list (data-free, METHOD 5): give "
+        raise _user_error(f"backbone {cfg.backbone!r} distils from prompts alone (no images): give "
                           "--prompts FILE (.txt one per line, .jsonl or .csv) or set distill.prompts in the recipe")
     try:
         return read_prompt_file(cfg.prompts).prompts
