@@ -109,3 +109,28 @@ def test_tiny_subjects_build_for_every_family():
     for family in ("sdxl", "pixart", "sd3", "wan"):
         s = tiny_subject(family, 2, teacher_steps=2)
         assert len(s.cond) == 2 and s.cascades[0][1].stages[-1].size == (s.target, s.target)
+
+
+def test_bench_on_a_model_folder_with_its_recipe(tmp_path, capsys):
+    """`rmd bench --recipe FILE --model FOLDER`: the recipe's cascade, CFG and teacher steps on a saved pipeline."""
+    from rmd.bench import recipe_subject
+    from rmd.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sdxl", str(tmp_path / "model"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nbackbone: sdxl\nteacher_guidance_scale: 6.0\nteacher_steps: 3\n"
+                      "schedule:\n  steps: 4\n  resolutions: [32, 64]\n  thresholds: [-2.5]\n")
+    subject = recipe_subject(str(recipe), model, batch=3)
+    assert subject.guidance == 6.0 and subject.teacher_steps == 3 and subject.target == 64
+    assert len(subject.cond) == 3 and torch.equal(subject.uncond.embeds, torch.zeros_like(subject.uncond.embeds))
+    assert [s.size[0] for s in subject.cascades[0][1].steps] == [32, 32, 64, 64]
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--recipe", str(recipe), "--model", model, "--batch", "2", "--rounds", "1",
+                 "--out", str(out), "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert list(rows) == ["teacher", "4-step", "2+2"]
+    assert rows["teacher"]["nfe"] == 6 and rows["2+2"]["steps"] == ["32x32", "32x32", "64x64", "64x64"]
+    calls = json.loads(out.read_text())["info"]["call_seconds"]
+    assert rows["2+2"]["ideal_speedup"] == pytest.approx(4 * calls["64x64"] / (2 * calls["32x32"] + 2 * calls["64x64"]))
+    assert main(["bench", "--recipe", "toy-rmd", "--model", model]) == 2  # the toy is not a model-folder recipe
+    assert main(["bench", "--recipe", str(recipe)]) == 2  # --model missing

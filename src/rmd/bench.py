@@ -16,9 +16,11 @@ order rotates, so a slow moment of the machine is shared by all rows. Per row:
 Text encoding and decoding are outside the timed region (the same for every row); the
 pipeline-level time with both is what ``rmd demo`` reports.
 
-Subjects: the shipped toy teacher (default; real prompts) or a tiny randomly initialised
-instance of a real diffusers class (``--tiny sdxl|pixart|sd3|wan``; random conditioning)
-to check the machinery on each family.
+Subjects: the shipped toy teacher (default; real prompts); a real model folder with its
+recipe (``--recipe sdxl --model PATH``: the recipe's cascade, CFG scale and teacher steps, on
+the GPU when there is one); or a tiny randomly initialised instance of a real diffusers class
+(``--tiny sdxl|pixart|sd3|wan``; random conditioning) to check the machinery on each family.
+On a GPU every timed region ends with ``torch.cuda.synchronize`` (kernels run asynchronously).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ from .sampler import sample
 BENCH_FIELDS = ("name", "seconds_per_image", "speedup_vs_single_res", "ideal_speedup", "efficiency", "overhead")
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class TimedDenoiser(nn.Module):
     """Wraps a denoiser and adds the wall time spent inside its calls to ``self.seconds``."""
 
@@ -57,8 +64,10 @@ class TimedDenoiser(nn.Module):
             return getattr(self.__dict__["_modules"]["inner"], name)
 
     def forward(self, *args: Any, **kwargs: Any):
+        _sync()
         start = time.perf_counter()
         out = self.inner(*args, **kwargs)
+        _sync()
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return out
@@ -74,7 +83,7 @@ class Subject:
     uncond: Conditioning
     guidance: float
     teacher_steps: int
-    target: int  # pixel side of the full resolution
+    target: Any  # the full resolution: a pixel side, or "HxW"
     frames: Optional[int] = None
     cascades: tuple[tuple[str, StagePlan], ...] = ()
 
@@ -117,6 +126,41 @@ def tiny_subject(family: str, batch: int, teacher_steps: int = 50) -> Subject:
                    frames, cascades=(("2+2", cascade),))
 
 
+DEFAULT_PROMPTS = ("a photo of a red fox in the snow", "a watercolor painting of a lighthouse at dusk",
+                   "an astronaut riding a horse, digital art", "a bowl of ramen on a wooden table, studio light")
+
+
+def recipe_subject(recipe_name: str, model: str, batch: int, teacher_steps: Optional[int] = None,
+                   prompts: Optional[Sequence[str]] = None, device: Optional[str] = None,
+                   dtype: Optional[str] = None) -> Subject:
+    """A real model folder with its recipe: the recipe's cascade vs its teacher and the N-step student."""
+    from .cli import UserError
+    from .distill.family_backbone import vae_factors
+    from .denoisers import from_model
+    from .families import FAMILIES, encode_prompts, load_pipeline, network_of
+    from .recipes import load_recipe
+
+    recipe = load_recipe(recipe_name)
+    if recipe.backbone not in FAMILIES:
+        raise UserError(f"--recipe {recipe_name!r} is a {recipe.backbone!r} recipe; --model takes the real families "
+                        f"({', '.join(FAMILIES)}); the toy is the default subject (no --recipe)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
+    pipe = load_pipeline(model, recipe.backbone, dtype=torch_dtype).to(device)
+    net = network_of(pipe, recipe.backbone)
+    spatial, temporal = vae_factors(pipe)
+    den = from_model(net, dict(pipe.scheduler.config), vae_scale_factor=spatial, vae_temporal_factor=temporal)
+    texts = list(prompts or DEFAULT_PROMPTS)
+    texts = [texts[i % len(texts)] for i in range(batch)]
+    cond = encode_prompts(pipe, recipe.backbone, texts).to(device)
+    uncond = encode_prompts(pipe, recipe.backbone, [""]).to(device)
+    plan = recipe.schedule.plan()
+    name = "+".join(str(len(s.steps)) for s in plan.stages)
+    return Subject(f"{recipe.name} ({model})", den, cond, uncond, recipe.teacher_guidance_scale,
+                   teacher_steps or recipe.teacher_steps, recipe.schedule.resolutions[-1], recipe.frames,
+                   cascades=((name, plan),))
+
+
 def rows_for(subject: Subject, steps: int = 4) -> list[Row]:
     target = [subject.target]
     rows = [Row("teacher", make_plan(subject.teacher_steps, target), True, 1.0),
@@ -132,13 +176,15 @@ def call_costs(subject: Subject, sizes: Sequence[tuple[int, int]], reps: int = 1
     with torch.no_grad():
         for size in sizes:
             shape = (n, *den.latent_shape(size, subject.frames))
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-            t = torch.full((n,), 0.5)
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(subject.cond.embeds.device)
+            t = torch.full((n,), 0.5, device=x.device)
             den(x, t, subject.cond)
             times = []
             for _ in range(reps):
+                _sync()
                 start = time.perf_counter()
                 den(x, t, subject.cond)
+                _sync()
                 times.append(time.perf_counter() - start)
             costs[size] = statistics.median(times)
     return costs
@@ -173,8 +219,10 @@ def run_bench(subject: Subject, rows: Sequence[Row], rounds: int = 5, reps: int 
         for k in range(rounds):
             for name in names[k % len(names):] + names[: k % len(names)]:
                 timed.seconds = 0.0
+                _sync()
                 start = time.perf_counter()
                 run(name)
+                _sync()
                 totals[name].append(time.perf_counter() - start)
                 inside[name] += timed.seconds
             if progress:
@@ -217,18 +265,33 @@ def format_rows(rows: Sequence[dict]) -> str:
 def run_bench_command(args: Any) -> None:
     from .cli import UserError
 
-    if args.batch < 1 or args.rounds < 1 or args.teacher_steps < 1:
+    if args.batch < 1 or args.rounds < 1 or (args.teacher_steps is not None and args.teacher_steps < 1):
         raise UserError("--batch, --rounds and --teacher-steps must be positive integers")
+    if (args.recipe is None) != (args.model is None):
+        raise UserError("give --recipe NAME and --model FOLDER together (a real model), or neither (the toy)")
+    if args.tiny and args.model:
+        raise UserError("--tiny and --model choose different subjects; give one of them")
+    prompts = None
+    if args.prompts:
+        from .prompts import PromptFileError, read_prompt_file
+
+        try:
+            prompts = read_prompt_file(args.prompts).prompts
+        except PromptFileError as e:
+            raise UserError(f"--prompts: {e}") from None
     if args.out:
         from .distill.train import check_writable_folder
 
         if os.path.isdir(args.out):
             raise UserError(f"--out {args.out!r} is a folder; give a .json file path")
         check_writable_folder(os.path.dirname(os.path.abspath(args.out)), "--out's folder")
-    if args.tiny:
-        subject = tiny_subject(args.tiny, args.batch, args.teacher_steps)
+    if args.model:
+        subject = recipe_subject(args.recipe, args.model, args.batch, args.teacher_steps, prompts, args.device,
+                                 args.dtype)
+    elif args.tiny:
+        subject = tiny_subject(args.tiny, args.batch, args.teacher_steps or 50)
     else:
-        subject = toy_subject(args.batch, args.teacher_steps)
+        subject = toy_subject(args.batch, args.teacher_steps or 50)
     rows, info = run_bench(subject, rows_for(subject), args.rounds, progress=not args.quiet and not args.json)
     info["command"] = " ".join(["rmd"] + sys.argv[1:]) if sys.argv and "rmd" in sys.argv[0] else "run_bench()"
     info["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")

@@ -224,7 +224,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="benchmark a tiny random instance of this diffusers family instead of the toy teacher")
     bn.add_argument("--batch", type=int, default=32, help="images per sampler call")
     bn.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
-    bn.add_argument("--teacher-steps", type=int, default=50, help="teacher sampling steps (guided)")
+    bn.add_argument("--recipe", default=None, help="with --model: a real recipe (name or YAML); its plan is the "
+                                                 "cascade, its CFG scale and teacher steps the teacher row's")
+    bn.add_argument("--model", default=None, help="with --recipe: a local diffusers pipeline folder of the family")
+    bn.add_argument("--prompts", default=None, help="with --model: prompt file for the batch (default: built-in)")
+    bn.add_argument("--device", default=None, help="with --model: default cuda if available, else cpu")
+    bn.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="with --model: network dtype (default bfloat16 on cuda, float32 on cpu)")
+    bn.add_argument("--teacher-steps", type=int, default=None,
+                    help="teacher sampling steps (guided); default the recipe's, 50 for the toy")
     bn.add_argument("--out", default=None, help="also write the rows and the settings to this JSON file")
     bn.add_argument("--json", action="store_true", help="print the rows as JSON")
     bn.add_argument("--quiet", action="store_true")
