@@ -273,7 +273,7 @@ def test_resume_is_exact_with_the_gan_head(teacher_dir, tmp_path):
 def test_clear_errors_before_training(teacher_dir, tmp_path, monkeypatch):
     cfg = small("toy-rmd", teacher_dir, max_steps=1, method_config={"pdm_weight": 1.0})
 
-    def no_real(c):
+    def no_real(c, **kw):
         bb = train_mod._toy_backbone(c)
         return copy.copy(bb).__class__(**{**bb.__dict__, "train_batch": None})
 

@@ -135,7 +135,9 @@ def guarded_step(optimizer: torch.optim.Optimizer, params: Sequence[torch.nn.Par
     a NaN forever). Across processes the decision is shared (a max over ranks), so all ranks
     skip together and their weights stay identical.
     """
-    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    from .sharding import clip_grad_norm
+
+    norm = clip_grad_norm(params, grad_clip)  # torch's clip_grad_norm_, or its sharded (FSDP) equivalent
     bad = (~torch.isfinite(norm)) | (~torch.isfinite(loss.detach())).any()
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         bad = bad.to(torch.float32).reshape(1)
@@ -267,8 +269,13 @@ def distill_iteration(
     grad_clip: float = 1.0,
     real: Optional[torch.Tensor] = None,
     head: Optional[torch.nn.Module] = None,
+    schedule_seed: Optional[int] = None,
 ) -> StepLosses:
     """One generator update and ``cfg.fake_updates`` fake-score updates (Algorithm 1).
+
+    ``schedule_seed`` (default: from ``seed``) draws the stage and step alone. Sharded (FSDP)
+    training passes the same value on every rank: each network call is then a collective, so
+    every rank must make the same calls (the backward simulation's length depends on the step).
 
     With GAN or PDM on, ``real`` holds clean real samples for the batch's prompts in the
     denoiser's state space (resized to the matching resolution if they differ), and with
@@ -284,7 +291,7 @@ def distill_iteration(
     den = make_denoiser()  # the adapter over base.model; its behaviour follows base's active role
     b = len(cond)
     dev = cond.embeds.device  # random draws come from the CPU generator ``g`` and are moved here
-    stage, step = pick_stage_and_step(plan, cfg, iteration, rng)
+    stage, step = pick_stage_and_step(plan, cfg, iteration, rng if schedule_seed is None else random.Random(schedule_seed))
     s = plan.steps[step]
     # matching resolution in latent units (plan sizes are pixels; they differ for VAE backbones)
     target = tuple(den.latent_shape(plan.teacher_size if cfg.cross_resolution else s.size)[-2:])

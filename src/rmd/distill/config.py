@@ -24,10 +24,11 @@ from ..plan import PlanError, StagePlan
 from ..recipes import DistillConfig, Recipe, SamplingConfig, ScheduleConfig, _format_validation, load_recipe
 from .algorithm import PRESETS, MethodConfig
 
-# Settings that only say how long to run and how often to write: a run may be resumed with
-# other values. Everything else changes the numbers, so a resume refuses a mismatch.
+# Settings that only say how long to run, how often to write, or how memory is laid out (FSDP,
+# activation recomputation): a run may be resumed with other values. Everything else changes
+# the numbers, so a resume refuses a mismatch.
 LOGISTIC_KEYS = frozenset({"max_steps", "checkpoint_every", "keep_last", "sample_every", "num_sample_images",
-                           "max_bad_steps"})
+                           "max_bad_steps", "sharding", "gradient_checkpointing"})
 
 
 class RunConfig(DistillConfig):

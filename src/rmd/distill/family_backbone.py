@@ -131,6 +131,7 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
         lora_prefix=fam.lora_prefix,
         decode=decode,
         extra_modules=text_modules + ([vae] if sampling else []),
+        fresh_model=lambda: _load_network(cfg.teacher, fam.network, model),
     )
 
 
@@ -155,6 +156,13 @@ def _cached_encoder(cfg: RunConfig, pipe: Any, prompts: list[str], cache_dtype: 
 
         _synchronised(build, int(os.environ.get("RANK", "0")) == 0)
     return EmbeddingCache(folder).encode
+
+
+def _load_network(folder: str, subfolder: str, like: nn.Module) -> nn.Module:
+    """The family's network alone from the teacher folder (class by name: ``like`` may be a peft-mixed subclass)."""
+    import diffusers
+
+    return getattr(diffusers, type(like).__name__).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
 
 
 def copy_components(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:

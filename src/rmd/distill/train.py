@@ -42,8 +42,14 @@ not wrapped: :class:`SyncedSharedBase` averages the active role's LoRA gradients
 processes right after each backward (one flat all-reduce), before clipping and the
 optimiser step -- what DDP would do. All ranks start from rank 0's LoRA weights, so they
 stay identical; every checkpoint verifies it (a hash per rank) and fails loudly otherwise.
-FSDP / DeepSpeed shard the base weights, which role switching on a shared base does not
-support yet: refused with a message.
+With several processes all ranks share the iteration's stage and step (Algorithm 1 draws one per
+batch); prompts and noise stay per rank.
+
+FSDP (``sharding: fsdp``, or an accelerate launch whose distributed type is FSDP): the base
+network and both LoRAs are sharded with torch's ``fully_shard`` after the adapters exist
+(:mod:`rmd.distill.sharding`); FSDP's reduce-scatter then averages the LoRA gradients, checkpoints
+gather whole tensors (same files as unsharded runs), and the export merges into a fresh copy of
+the base. DeepSpeed is refused.
 """
 
 from __future__ import annotations
@@ -115,6 +121,7 @@ class Backbone:
     decode: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     train_batch: Optional[Callable[[int, random.Random], tuple[list[str], torch.Tensor]]] = None
     extra_modules: list[nn.Module] = field(default_factory=list)  # moved to the device with the model
+    fresh_model: Optional[Callable[[], nn.Module]] = None  # a new unsharded copy of the base network (FSDP export)
 
     def to(self, device: torch.device) -> "Backbone":
         self.model.to(device)
@@ -166,6 +173,7 @@ def _toy_backbone(cfg: RunConfig, sampling: bool = False) -> Backbone:
         save_lora=save_lora,
         lora_prefix="transformer",
         extra_modules=[teacher.text.model],
+        fresh_model=lambda: load_teacher(cfg.teacher).transformer,
     )
 
 
@@ -209,8 +217,11 @@ class SyncedSharedBase(SharedBase):
         self.extra: dict[str, list[nn.Parameter]] = {}
 
     def backward(self, loss: torch.Tensor, role: str) -> None:
+        from .sharding import is_sharded
+
         super().backward(loss, role)
-        all_reduce_mean_grads(self.parameters(role) + self.extra.get(role, []))
+        # sharded (FSDP) parameters had their gradients averaged by FSDP's reduce-scatter already
+        all_reduce_mean_grads([p for p in self.parameters(role) + self.extra.get(role, []) if not is_sharded(p)])
 
 
 def _world() -> int:
@@ -369,23 +380,39 @@ def _replace_dir(tmp: str, final: str) -> None:
 
 
 def _lora_state(base: SharedBase, role: str) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous() for k, v in base.adapter_state(role).items()}
+    """The role's LoRA weights, whole and on the CPU (with FSDP a collective: call it on every rank)."""
+    from .sharding import full_state_dict
+
+    return full_state_dict(base.adapter_state(role))
 
 
 def lora_checksum(params: Sequence[nn.Parameter]) -> str:
-    """sha256 of the parameters' bytes: equal iff bit-identical."""
+    """sha256 of the parameters' bytes: equal iff bit-identical (sharded ones whole: a collective)."""
+    from .sharding import full
+
     h = hashlib.sha256()
     for p in params:
-        h.update(p.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        h.update(full(p.detach()).to("cpu", torch.float32).contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
 CHECKPOINT_PAUSE_ENV = "RMD_CHECKPOINT_PAUSE"  # seconds between writing a checkpoint and publishing it (tests)
 
 
-def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.optim.Optimizer,
-                    opt_f: torch.optim.Optimizer, extra: dict[str, Any]) -> str:
-    """Write ``checkpoints/step-XXXXXXXX`` atomically: into a temp folder, then ``os.replace``."""
+def gather_training_state(student: Student, opt_g: torch.optim.Optimizer,
+                          opt_f: torch.optim.Optimizer) -> dict[str, Any]:
+    """Both LoRAs and both optimiser states, whole, on the CPU: what a checkpoint holds (call on every rank)."""
+    from .sharding import full_optimizer_state
+
+    return {"lora": {role: _lora_state(student.base, role) for role in ("generator", "fake")},
+            "optimizer": {"generator": full_optimizer_state(opt_g), "fake": full_optimizer_state(opt_f)}}
+
+
+def save_checkpoint(run_dir: str, step: int, student: Student, gathered: dict[str, Any], extra: dict[str, Any]) -> str:
+    """Write ``checkpoints/step-XXXXXXXX`` atomically: into a temp folder, then ``os.replace``.
+
+    ``gathered`` is :func:`gather_training_state`'s result (whole tensors, also under FSDP).
+    """
     from safetensors.torch import save_file
 
     root = os.path.join(run_dir, CHECKPOINTS)
@@ -395,11 +422,11 @@ def save_checkpoint(run_dir: str, step: int, student: Student, opt_g: torch.opti
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     for role in ("generator", "fake"):
-        save_file(_lora_state(student.base, role), os.path.join(tmp, f"{role}.safetensors"), metadata={"format": "pt"})
+        save_file(gathered["lora"][role], os.path.join(tmp, f"{role}.safetensors"), metadata={"format": "pt"})
     if student.head is not None:  # its optimiser state is in opt_f's (it is trained with the fake score)
         save_file({k: v.detach().to("cpu").contiguous() for k, v in student.head.state_dict().items()},
                   os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
-    torch.save({"generator": opt_g.state_dict(), "fake": opt_f.state_dict()}, os.path.join(tmp, "optimizer.pt"))
+    torch.save(gathered["optimizer"], os.path.join(tmp, "optimizer.pt"))
     write_config(student.cfg, os.path.join(tmp, "config.yaml"))
     state = {"step": step, "rng": "none needed: iteration i on rank r draws only from (seed, i, r)", **extra}
     with open(os.path.join(tmp, "state.json"), "w", encoding="utf-8") as f:  # written last
@@ -460,12 +487,18 @@ def load_checkpoint(path: str, student: Student, opt_g: Optional[torch.optim.Opt
         device = next(student.head.parameters()).device
         student.head.load_state_dict(load_file(heads, device=str(device)))
     if opt_g is not None and opt_f is not None:
-        device = next(p.device for p in student.base.parameters("generator"))
-        opt = torch.load(os.path.join(path, "optimizer.pt"), map_location=device, weights_only=True)
-        opt_g.load_state_dict(opt["generator"])
-        opt_f.load_state_dict(opt["fake"])
+        load_optimizer_states(path, opt_g, opt_f)
     with open(os.path.join(path, "state.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+def load_optimizer_states(path: str, opt_g: torch.optim.Optimizer, opt_f: torch.optim.Optimizer) -> None:
+    """Both optimiser states of a checkpoint (whole tensors) into optimisers over plain or sharded parameters."""
+    from .sharding import load_optimizer_state
+
+    opt = torch.load(os.path.join(path, "optimizer.pt"), map_location="cpu", weights_only=True)
+    load_optimizer_state(opt_g, opt["generator"])
+    load_optimizer_state(opt_f, opt["fake"])
 
 
 # --- exports --------------------------------------------------------------------------------
@@ -490,8 +523,37 @@ def merged_copy(base: SharedBase, role: str = "generator") -> nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def export_generator(run_dir: str, student: Student) -> dict[str, str]:
-    """Write the generator as a diffusers-layout LoRA and as a merged full model (each atomically)."""
+def merged_from_state(student: Student, state: dict[str, torch.Tensor], role: str = "generator") -> nn.Module:
+    """A fresh, unsharded base network (``Backbone.fresh_model``) with ``state`` merged in as ``role``'s LoRA.
+
+    The export path of sharded (FSDP) runs, whose live network cannot be deep-copied whole.
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+
+    from .roles import with_adapter_methods
+
+    if student.backbone.fresh_model is None:
+        raise RuntimeError(f"backbone {student.backbone.name!r} has no fresh_model loader: cannot export a sharded run")
+    model = with_adapter_methods(student.backbone.fresh_model()).requires_grad_(False)
+    config = student.base.model.peft_config[role].to_dict()
+    model.add_adapter(LoraConfig(**{k: v for k, v in config.items() if k in LoraConfig.__dataclass_fields__}),
+                      adapter_name=role)
+    set_peft_model_state_dict(model, state, adapter_name=role)
+    model.fuse_lora(adapter_names=[role])
+    model.unload_lora()
+    return model.eval()
+
+
+def export_generator(run_dir: str, student: Student, state: Optional[dict[str, torch.Tensor]] = None) -> dict[str, str]:
+    """Write the generator as a diffusers-layout LoRA and as a merged full model (each atomically).
+
+    ``state``: the generator's LoRA, gathered on every rank beforehand (required when the model is sharded).
+    """
+    from .sharding import model_is_sharded
+
+    sharded = model_is_sharded(student.base.model)
+    if state is None:
+        state = _lora_state(student.base, "generator")
     root = os.path.join(run_dir, "export")
     os.makedirs(root, exist_ok=True)
     paths = {"lora": os.path.join(root, "generator_lora"), "full": os.path.join(root, "generator_full")}
@@ -500,12 +562,12 @@ def export_generator(run_dir: str, student: Student) -> dict[str, str]:
     tmp = os.path.join(root, f".tmp-generator_lora-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     meta = student.base.model.peft_config["generator"].to_dict()
-    bb.save_lora(_lora_state(student.base, "generator"), meta, tmp)
+    bb.save_lora(state, meta, tmp)
     _replace_dir(tmp, paths["lora"])
 
     tmp = os.path.join(root, f".tmp-generator_full-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged = merged_copy(student.base, "generator").to("cpu")
+    merged = merged_from_state(student, state) if sharded else merged_copy(student.base, "generator").to("cpu")
     bb.save_full(merged, tmp)
     del merged
     from ..pipeline import write_cascade_info
@@ -659,10 +721,14 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     # Mixed precision comes from the run config (torch.autocast below), not from accelerate's process-wide
     # state, which cannot change within a process and would make the config a partial truth.
     acc = Accelerator(cpu=multi and not torch.cuda.is_available())
-    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        raise _user_error(f"distributed type {acc.distributed_type} is not supported: one shared base network in three "
-                          "roles needs unsharded weights; use plain multi-process (DDP-style) launching")
+    if acc.distributed_type not in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU,
+                                    DistributedType.FSDP):
+        raise _user_error(f"distributed type {acc.distributed_type} is not supported: launch plain processes "
+                          "(DDP-style), or FSDP (an accelerate FSDP config, or sharding: fsdp in the run config)")
     rank, world, is_main = acc.process_index, acc.num_processes, acc.is_main_process
+    # FSDP is applied by rmd itself (rmd.distill.sharding), after the adapters exist; accelerate's
+    # FSDP plugin settings (wrap policy, ...) are not read. One process has nothing to shard.
+    sharded = (cfg.sharding == "fsdp" or acc.distributed_type == DistributedType.FSDP) and world > 1
     out = os.path.abspath(out_dir)
     metrics_path = os.path.join(out, "metrics.jsonl")
 
@@ -694,15 +760,21 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     acc.wait_for_everyone()
     base, bb = student.base, student.backbone
     plan, method = cfg.plan(), MethodConfig(**cfg.method_config.model_dump())
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path, student)  # whole tensors, before any sharding
+    else:
+        broadcast_params(student.trained_params())
+    if sharded:
+        from .sharding import shard_model
+
+        shard_model(base.model)  # the parameters are now DTensors: the optimisers are built over those
     opt_g = torch.optim.AdamW(base.parameters("generator"), lr=cfg.generator_lr, betas=cfg.adam_betas,
                               weight_decay=cfg.weight_decay)
     # the GAN head (if any) is trained with the fake score, by the same optimiser (as in DMD2)
     opt_f = torch.optim.AdamW(base.parameters("fake") + student.head_params(), lr=cfg.fake_lr, betas=cfg.adam_betas,
                               weight_decay=cfg.weight_decay)
     if ckpt_path is not None:
-        load_checkpoint(ckpt_path, student, opt_g, opt_f)
-    else:
-        broadcast_params(student.trained_params())
+        load_optimizer_states(ckpt_path, opt_g, opt_f)
     uncond = bb.encode([""])
 
     writer = None
@@ -735,9 +807,11 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             [lora_checksum(student.trained_params())]
         if len(set(sums)) > 1:
             raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
+        # sharded: every rank takes part in gathering the whole tensors; else rank 0 reads its own
+        gathered = gather_training_state(student, opt_g, opt_f) if (is_main or sharded) else None
         if is_main:
-            save_checkpoint(out, step, student, opt_g, opt_f, {"world_size": world, "rank_checksums": sums,
-                                                               "metrics": line})
+            save_checkpoint(out, step, student, gathered, {"world_size": world, "rank_checksums": sums,
+                                                           "sharding": "fsdp" if sharded else "none", "metrics": line})
             prune_checkpoints(out, cfg.keep_last)
         acc.wait_for_everyone()
 
@@ -756,9 +830,13 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 prompts = bb.train_prompts(cfg.batch_size, rng)
             cond = bb.encode(prompts)  # once per batch, no gradients
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
+                # Several processes share one stage and step per iteration, as Algorithm 1 draws one for the
+                # whole batch; under FSDP it is also required (every network call is a collective, and the
+                # backward simulation's length depends on the step). Prompts and noise stay per rank.
+                shared = iteration_rng(cfg.seed, it, 0).randrange(2**63) if world > 1 else None
                 res = distill_iteration(base, bb.make_denoiser, plan, cond, uncond, method, it, rng.randrange(2**63),
                                         opt_g, opt_f, cfg.stage_loss_weights, cfg.grad_clip, real=real,
-                                        head=student.head)
+                                        head=student.head, schedule_seed=shared)
             step = it + 1
             extras = res.extras()
             local = torch.tensor([[res.loss_generator, res.loss_fake, res.dm_norm, *extras.values()]],
@@ -771,7 +849,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 "lr_fake": opt_f.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 4),
                 **dict(zip(extras, mean[3:])),  # GAN / PDM losses, when on
             }
-            if world > 1:  # losses above are rank means; stage / step_index are rank 0's draw
+            if world > 1:  # losses above are rank means; stage / step_index are shared by the ranks
                 line["loss_generator_per_rank"] = every[:, 0].tolist()
                 line["loss_fake_per_rank"] = every[:, 1].tolist()
             # gradients are averaged before the finiteness check, so every rank skips the same updates
@@ -788,8 +866,8 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                                 stage=res.stage + 1, refresh=False)
                 bar.update(1)
                 logged.append(line)
-                if cfg.sample_every and step % cfg.sample_every == 0:
-                    _write_samples(out, student, sample_prompts, step, writer)
+            if cfg.sample_every and step % cfg.sample_every == 0 and (is_main or sharded):
+                _write_samples(out, student, sample_prompts, step, writer if is_main else None, write=is_main)
             if res.faulty and is_main:
                 bar.write(f"step {step}: non-finite loss or gradient, update skipped "
                           f"({bad_streak} in a row, {bad_total} in this run)")
@@ -833,15 +911,20 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
         return TrainResult(out, start, last_saved, logged, {}, stopped)
     final = max(start, cfg.max_steps)
     exports: dict[str, str] = {}
+    state = _lora_state(base, "generator") if sharded else None  # a collective under FSDP
     if is_main:
-        exports = export_generator(out, student)
+        exports = export_generator(out, student, state)
         _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "finished", final, exports))
     acc.wait_for_everyone()
     return TrainResult(out, start, final, logged, exports)
 
 
-def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int, writer: Any) -> None:
+def _write_samples(out: str, student: Student, prompts: Sequence[str], step: int, writer: Any,
+                   write: bool = True) -> None:
+    """Sample the grid (every rank, when sharded: each forward is a collective) and write it (``write``)."""
     images = sample_images(student, prompts, seeds=range(len(prompts)))
+    if not write:
+        return
     os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     path = os.path.join(out, "samples", f"{checkpoint_name(step)}.png")
     image_grid(images).save(path + ".tmp.png")

@@ -106,6 +106,8 @@ class DistillConfig(BaseModel):
     max_bad_steps: int = Field(20, ge=1, description="iterations in a row with a non-finite loss or gradient "
                                "(updates skipped) before training stops")
     mixed_precision: Literal["no", "bf16"] = "no"
+    sharding: Literal["none", "fsdp"] = Field("none", description="fsdp: shard the base network and both LoRAs "
+                                              "over processes (torch FSDP2); also set by an accelerate FSDP config")
     gradient_checkpointing: bool = False
 
 
