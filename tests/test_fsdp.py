@@ -90,3 +90,30 @@ def test_resume_crosses_between_sharded_and_unsharded(runs, teacher_dir, tmp_pat
     assert last["step"] == 3 and last["loss_generator"] == pytest.approx(want["loss_generator"], rel=1e-5)
     _close(*(load_file(os.path.join(r, "checkpoints", checkpoint_name(3), "generator.safetensors"))
              for r in (run, runs["none"])))
+
+
+def test_a_real_family_shards_too(tmp_path, monkeypatch):
+    """Tiny SDXL pipeline folder, two processes: the embedding cache is built once (rank 0) and the
+    sharded UNet run equals the unsharded one."""
+    from rmd.distill.config import load_run_config
+    from rmd.tiny_pipelines import save_tiny_pipeline
+
+    model = save_tiny_pipeline("sdxl", str(tmp_path / "model"))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red cat\na blue dog\na green house\n")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nbackbone: sdxl\nteacher_guidance_scale: 5.0\nteacher_steps: 4\n"
+                      "schedule:\n  steps: 4\n  resolutions: [32, 64]\n  thresholds: [-2.5]\n"
+                      "distill:\n  lora_rank: 4\n  batch_size: 1\n  max_steps: 2\n  checkpoint_every: 2\n"
+                      "  sample_every: 0\n  generator_lr: 1.0e-3\n  method_config:\n    warmup_iters: 0\n")
+    monkeypatch.setenv("RMD_CACHE", str(tmp_path / "cache"))
+    runs = {}
+    for sharding in ("none", "fsdp"):
+        cfg = load_run_config(str(recipe), teacher=model, prompts=str(prompts), sharding=sharding)
+        runs[sharding] = str(tmp_path / sharding)
+        run_two_ranks(_rank_main, cfg, runs[sharding])
+    assert len(os.listdir(tmp_path / "cache" / "embeddings")) == 1  # one cache, shared by both runs
+    a, b = read_metrics(runs["none"]), read_metrics(runs["fsdp"])
+    assert [m["loss_generator"] for m in b] == pytest.approx([m["loss_generator"] for m in a], rel=1e-5)
+    _close(*(load_file(os.path.join(r, "export", "generator_lora", "pytorch_lora_weights.safetensors"))
+             for r in runs.values()))

@@ -60,7 +60,7 @@ def _text_components(pipe: Any) -> list[str]:
 
 
 def _synchronised(build, is_main: bool) -> None:
-    """Run ``build`` on rank 0 while the other ranks wait (one process: just run it)."""
+    """Run ``build`` on rank 0 while the other ranks wait (one process: just run it). Call it on every rank."""
     dist = torch.distributed
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     if is_main or not multi:
@@ -131,7 +131,7 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
         lora_prefix=fam.lora_prefix,
         decode=decode,
         extra_modules=text_modules + ([vae] if sampling else []),
-        fresh_model=lambda: _load_network(cfg.teacher, fam.network, model),
+        fresh_model=partial(_load_network, cfg.teacher, fam.network, type(model).__name__),  # named before FSDP
     )
 
 
@@ -144,25 +144,28 @@ def _cached_encoder(cfg: RunConfig, pipe: Any, prompts: list[str], cache_dtype: 
     digest = cache_digest(cfg.teacher, texts, prompts, backbone=cfg.backbone, dtype=str(cache_dtype),
                           max_sequence_length=family(cfg.backbone).max_sequence_length)
     folder = os.path.join(cache_root(), f"{cfg.backbone}-{digest}")
-    if not os.path.isfile(os.path.join(folder, "index.json")):
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
-        def build() -> None:
-            for name in texts:
-                if name.startswith("text_encoder"):
-                    getattr(pipe, name).to(device)
-            os.makedirs(cache_root(), exist_ok=True)
-            build_cache(folder, prompts, lambda p: encode_prompts(pipe, cfg.backbone, p, device), dtype=cache_dtype)
+    def build() -> None:
+        if os.path.isfile(os.path.join(folder, "index.json")):
+            return
+        for name in texts:
+            if name.startswith("text_encoder"):
+                getattr(pipe, name).to(device)
+        os.makedirs(cache_root(), exist_ok=True)
+        build_cache(folder, prompts, lambda p: encode_prompts(pipe, cfg.backbone, p, device), dtype=cache_dtype)
 
-        _synchronised(build, int(os.environ.get("RANK", "0")) == 0)
+    # every rank enters (and leaves) together, whether or not the cache exists: rank 0 may finish
+    # building before another rank has even looked, and a barrier only some ranks reach hangs
+    _synchronised(build, int(os.environ.get("RANK", "0")) == 0)
     return EmbeddingCache(folder).encode
 
 
-def _load_network(folder: str, subfolder: str, like: nn.Module) -> nn.Module:
-    """The family's network alone from the teacher folder (class by name: ``like`` may be a peft-mixed subclass)."""
+def _load_network(folder: str, subfolder: str, class_name: str) -> nn.Module:
+    """The family's network alone from the teacher folder, a fresh unsharded copy."""
     import diffusers
 
-    return getattr(diffusers, type(like).__name__).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    return getattr(diffusers, class_name).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
 
 
 def copy_components(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
