@@ -181,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_lazy("toy.evaluate", "run_eval_command"))
 
     _add_distill_parsers(sub)
+    from .evaluation.command import add_eval_parser  # rmd eval (light: imports torch only when it runs)
+    add_eval_parser(sub)
 
     dm = sub.add_parser("demo", help="distil the toy teacher with RMD 2+2 and compare it with DMD2, the naive "
                                      "cascade and the teacher (report.json, report.md, plot)")
