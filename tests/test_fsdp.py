@@ -117,3 +117,17 @@ def test_a_real_family_shards_too(tmp_path, monkeypatch):
     assert [m["loss_generator"] for m in b] == pytest.approx([m["loss_generator"] for m in a], rel=1e-5)
     _close(*(load_file(os.path.join(r, "export", "generator_lora", "pytorch_lora_weights.safetensors"))
              for r in runs.values()))
+
+
+def test_shipped_accelerate_config_asks_for_fsdp():
+    """The accelerate config shipped beside the recipes parses as accelerate reads it, with the FSDP type
+    that makes `rmd distill` shard (on GPUs; accelerate ignores FSDP on CPU, so the 2-process tests above
+    use sharding: fsdp)."""
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    from rmd.recipes import RECIPE_DIR
+
+    cfg = load_config_from_file(os.path.join(RECIPE_DIR, "accelerate", "fsdp.yaml"))
+    assert cfg.distributed_type == DistributedType.FSDP and cfg.fsdp_config["fsdp_version"] == 2
+    assert cfg.mixed_precision == "no"  # the run config's mixed_precision decides, not accelerate's
