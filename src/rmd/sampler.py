@@ -151,6 +151,7 @@ def sample(
         denoiser.check_size(size, num_frames)  # raises rmd.denoisers.SizeError naming the fix
     shapes = [tuple(denoiser.latent_shape(step.size, num_frames)) for step in plan.steps]
     dev = torch.device(device) if device is not None else _device_of(denoiser, cond)
+    cond = cond.to(device=dev)  # encoders (e.g. an embedding cache) may hand back CPU tensors
 
     outs: list[torch.Tensor] = []
     parts: list[Trajectory] = []

@@ -775,7 +775,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                               weight_decay=cfg.weight_decay)
     if ckpt_path is not None:
         load_optimizer_states(ckpt_path, opt_g, opt_f)
-    uncond = bb.encode([""])
+    uncond = bb.encode([""]).to(acc.device)
 
     writer = None
     metrics_file = None
@@ -828,7 +828,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 real = real.to(acc.device)
             else:
                 prompts = bb.train_prompts(cfg.batch_size, rng)
-            cond = bb.encode(prompts)  # once per batch, no gradients
+            cond = bb.encode(prompts).to(acc.device)  # once per batch, no gradients (the cache gives CPU rows)
             with torch.autocast(acc.device.type, dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
                 # Several processes share one stage and step per iteration, as Algorithm 1 draws one for the
                 # whole batch; under FSDP it is also required (every network call is a collective, and the
