@@ -23,7 +23,7 @@ import os
 import string
 from typing import Any
 
-import torch
+from .tiny import _seeded
 
 CHARS = string.ascii_lowercase + string.digits + ".,;:!?'-"
 CLIP_MAX_TOKENS = 64  # the real towers read 77 BPE tokens; these are characters
@@ -47,12 +47,6 @@ def t5_tokenizer():
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
     vocab += [(c, -3.0) for c in CHARS] + [("\u2581" + c, -3.5) for c in CHARS]
     return T5Tokenizer(vocab=vocab, extra_ids=0)
-
-
-def _seeded(seed: int, build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build().eval()
 
 
 def clip_text(seed: int, hidden: int, projection: int = 0):
