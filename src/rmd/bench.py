@@ -135,9 +135,7 @@ def recipe_subject(recipe_name: str, model: str, batch: int, teacher_steps: Opti
                    dtype: Optional[str] = None) -> Subject:
     """A real model folder with its recipe: the recipe's cascade vs its teacher and the N-step student."""
     from .cli import UserError
-    from .distill.family_backbone import vae_factors
-    from .denoisers import from_model
-    from .families import FAMILIES, encode_prompts, load_pipeline, network_of
+    from .families import FAMILIES, denoiser_factory, encode_prompts, load_pipeline
     from .recipes import load_recipe
 
     recipe = load_recipe(recipe_name)
@@ -147,9 +145,7 @@ def recipe_subject(recipe_name: str, model: str, batch: int, teacher_steps: Opti
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else None)
     pipe = load_pipeline(model, recipe.backbone, dtype=torch_dtype).to(device)
-    net = network_of(pipe, recipe.backbone)
-    spatial, temporal = vae_factors(pipe)
-    den = from_model(net, dict(pipe.scheduler.config), vae_scale_factor=spatial, vae_temporal_factor=temporal)
+    den = denoiser_factory(pipe, recipe.backbone)()
     texts = list(prompts or DEFAULT_PROMPTS)
     texts = [texts[i % len(texts)] for i in range(batch)]
     cond = encode_prompts(pipe, recipe.backbone, texts).to(device)

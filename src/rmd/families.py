@@ -260,6 +260,24 @@ def network_of(pipe, backbone: str) -> torch.nn.Module:
     return getattr(pipe, family(backbone).network)
 
 
+def vae_factors(pipe: Any) -> tuple[int, int]:
+    """(spatial, temporal) downsampling of the pipeline's VAE."""
+    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
+    return int(spatial), int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
+
+
+def denoiser_factory(pipe, backbone: str):
+    """``make()`` -> the :mod:`rmd.denoisers` adapter over the pipeline's network (its schedule and VAE
+    factors); the factory keeps the network, not the pipeline, so the text encoders can be dropped."""
+    from functools import partial
+
+    from .denoisers import from_model
+
+    spatial, temporal = vae_factors(pipe)
+    return partial(from_model, network_of(pipe, backbone), dict(pipe.scheduler.config), vae_scale_factor=spatial,
+                   vae_temporal_factor=temporal)
+
+
 @torch.no_grad()
 def encode_prompts(pipe, backbone: str, prompts: Sequence[str], device: Optional[torch.device] = None) -> Conditioning:
     """Prompts -> :class:`Conditioning` exactly as ``pipe`` conditions its network (on CPU, float32).

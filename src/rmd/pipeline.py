@@ -97,18 +97,14 @@ class RMDPipeline:
         from functools import partial
 
         from .cli import UserError
-        from .denoisers import from_model
-        from .distill.family_backbone import vae_factors
-        from .families import FAMILIES, encode_prompts, load_pipeline, network_of
+        from .families import FAMILIES, denoiser_factory, encode_prompts, load_pipeline, network_of
         from .vae import codec_from_vae
 
         if backbone not in FAMILIES:
             raise UserError(f"{folder}: {CASCADE_FILE} names backbone {backbone!r}; known: toy, {', '.join(FAMILIES)}")
         diffusers_pipe = load_pipeline(folder, backbone)
         net = network_of(diffusers_pipe, backbone)
-        spatial, temporal = vae_factors(diffusers_pipe)
-        den = from_model(net, dict(diffusers_pipe.scheduler.config), vae_scale_factor=spatial,
-                         vae_temporal_factor=temporal)
+        den = denoiser_factory(diffusers_pipe, backbone)()
         texts = [m for n, m in diffusers_pipe.components.items() if n.startswith("text_encoder") and m is not None]
         codec = codec_from_vae(diffusers_pipe.vae)
         pipe = cls(folder, info, den, partial(encode_prompts, diffusers_pipe, backbone),

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..denoisers import from_model
 from .config import RunConfig
 
 
@@ -48,12 +47,6 @@ def read_training_prompts(cfg: RunConfig) -> list[str]:
         raise _user_error(f"--prompts: {e}") from None
 
 
-def vae_factors(pipe: Any) -> tuple[int, int]:
-    """(spatial, temporal) downsampling of the pipeline's VAE."""
-    spatial = getattr(pipe, "vae_scale_factor_spatial", None) or getattr(pipe, "vae_scale_factor", 8)
-    return int(spatial), int(getattr(pipe, "vae_scale_factor_temporal", 4) or 4)
-
-
 def _text_components(pipe: Any) -> list[str]:
     return [n for n in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
             if getattr(pipe, n, None) is not None]
@@ -71,7 +64,7 @@ def _synchronised(build, is_main: bool) -> None:
 
 def family_backbone(cfg: RunConfig, sampling: bool = False):
     """The Backbone of ``cfg.teacher``; ``sampling=True``: encode any prompt with the text encoders (no cache)."""
-    from ..families import check_model_folder, encode_prompts, family, load_pipeline, network_of
+    from ..families import check_model_folder, denoiser_factory, encode_prompts, family, load_pipeline, network_of
     from ..lora import save_generator_lora
     from ..vae import codec_from_vae
     from .train import Backbone
@@ -82,8 +75,7 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
     pipe = load_pipeline(cfg.teacher, cfg.backbone, dtype=dtype)
     model = network_of(pipe, cfg.backbone)
-    spatial, temporal = vae_factors(pipe)
-    scheduler_config = dict(pipe.scheduler.config)
+    make_denoiser = denoiser_factory(pipe, cfg.backbone)
 
     vae = pipe.vae
     codec = codec_from_vae(vae)
@@ -121,8 +113,7 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
     return Backbone(
         name=cfg.backbone,
         model=model,
-        make_denoiser=lambda: from_model(model, scheduler_config, vae_scale_factor=spatial,
-                                         vae_temporal_factor=temporal),
+        make_denoiser=make_denoiser,
         encode=encode,
         train_prompts=train_prompts,
         sample_prompts=sample_prompts,
