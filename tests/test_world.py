@@ -60,7 +60,7 @@ def test_resolutions_are_area_averages_of_one_image(degradation):
     assert worst < 1e-4, f"low-resolution render differs from the pooled 32 px render by {worst}"
 
 
-def test_texture_detail_present_at_32_and_gone_at_8():
+def test_texture_detail_present_at_32_and_gone_at_16_and_8():
     for texture, colour, background in itertools.product(("striped", "checkered", "dotted"), world.COLOURS,
                                                          world.BACKGROUNDS):
         textured = world.Scene("square", colour, texture, "center", background, 1)
@@ -70,9 +70,21 @@ def test_texture_detail_present_at_32_and_gone_at_8():
             up = [upsample(world.render_one(s, size, 3)[None], (32, 32))[0] for s in (textured, plain)]
             return laplacian_energy(up[0]) - laplacian_energy(up[1])
 
-        at32, at8 = texture_energy(32), texture_energy(8)
+        at32, at16, at8 = texture_energy(32), texture_energy(16), texture_energy(8)
         assert at32 > 0.03, (texture, colour, background, at32)
+        assert abs(at16) < 0.05 * at32, (texture, colour, background, at16, at32)
         assert abs(at8) < 0.05 * at32, (texture, colour, background, at8, at32)
+
+
+def test_texture_is_a_flat_tone_inside_the_object_at_16_px():
+    # each 16-px pixel covers one mirror half of a 4-px cell, so the pattern averages out
+    # exactly: the interior of a textured square is one flat colour at 16 px, not at 32 px
+    for texture in ("striped", "checkered", "dotted"):
+        scene = world.Scene("square", "red", texture, "center", "black", 1)
+        at16 = world.render_one(scene, 16, 3)[:, 6:10, 6:10]
+        at32 = world.render_one(scene, 32, 3)[:, 12:20, 12:20]
+        assert at16.flatten(1).std(1).max() < 1e-3, texture
+        assert at32.flatten(1).std(1).max() > 0.3, texture
 
 
 def test_prompts_mention_every_attribute():
@@ -81,7 +93,7 @@ def test_prompts_mention_every_attribute():
             words = world.prompt_for(scene, variant).split()
             text = " ".join(words)
             assert scene.colour in words and scene.background in words
-            assert (scene.shape + "s" if scene.count == 2 else scene.shape) in words
+            assert ({"cross": "crosses"}.get(scene.shape, scene.shape + "s") if scene.count == 2 else scene.shape) in words
             assert ("two" in words) == (scene.count == 2)
             assert any(w in text for w in TEXTURE_WORDS[scene.texture]), text
             assert not any(w in text for t, ws in TEXTURE_WORDS.items() if t != scene.texture for w in ws), text

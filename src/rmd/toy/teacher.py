@@ -182,6 +182,27 @@ def flow_matching_loss(model_out: torch.Tensor, x0: torch.Tensor, eps: torch.Ten
     return (model_out.float() - (eps - x0)).pow(2).flatten(1).mean(1)
 
 
+def _carry_word_vectors(prev: ToyTextEncoder, tok: ToyTokenizer, fresh) -> dict:
+    """The earlier encoder's weights, re-indexed to this tokenizer's vocabulary.
+
+    Words both vocabularies know keep their trained vectors; a word new to the world
+    keeps the fresh unit-scale vector of ``fresh``; words the world no longer uses are
+    dropped. So a later training phase may follow a change of the world's vocabulary.
+    """
+    if prev.tokenizer.max_length != tok.max_length:
+        raise ValueError(f"--init-from: its tokenizer takes {prev.tokenizer.max_length} tokens, this one "
+                         f"{tok.max_length}; the position embeddings cannot be carried over")
+    state = dict(prev.model.state_dict())
+    key = "text_model.embeddings.token_embedding.weight"
+    table = fresh.state_dict()[key].clone()
+    for word, i in tok.index.items():
+        j = prev.tokenizer.index.get(word)
+        if j is not None:
+            table[i] = state[key][j]
+    state[key] = table
+    return state
+
+
 def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progress: bool = True,
                   init_from: Optional[str] = None) -> dict:
     """Train the toy teacher; writes the model folder and ``training_record.json`` into ``out_dir``.
@@ -206,7 +227,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         if any(getattr(prev.config, k) != getattr(cfg, k) for k in arch):
             raise ValueError(f"--init-from {init_from}: its architecture differs from this config in {arch}")
         transformer.load_state_dict(prev.transformer.state_dict())
-        encoder.load_state_dict(prev.text.model.state_dict())
+        encoder.load_state_dict(_carry_word_vectors(prev.text, tok, encoder))
         with open(os.path.join(init_from, "training_record.json")) as f:
             previous = json.load(f)
     params = list(transformer.parameters()) + list(encoder.parameters())

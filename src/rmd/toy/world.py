@@ -6,10 +6,14 @@ any resolution by supersampling and box filtering, so a scene rendered at 8 px i
 the area average of the same scene rendered at 32 px (up to the supersampling
 error): resolutions are consistent views of one continuous image.
 
-Textures are fine periodic patterns fixed on the canvas (period 3 px at 32 px):
-visible at the target resolution, below the Nyquist limit at 16 px and averaged
-away at 8 px. So the final, high-resolution steps of a cascade have real work
-to do.
+Textures are fine periodic patterns fixed on the canvas (period 4 px at 32 px),
+each dark band or dot centred in its 4-px cell: visible at the target resolution,
+and averaged to a flat tone at 16 px (every 16-px pixel covers one half of a cell,
+and the two halves are mirror images) and at 8 px. So the final, high-resolution
+steps of a cascade have real work to do. The period equals the toy teacher's patch
+size, so every patch carries the same pattern; with the earlier 3-px period a patch's
+pattern depended on its position modulo 3, and the small teacher never learned to
+draw a texture from the prompt (texture read back 0.52, chance 0.25).
 
 Resolution-dependent quality (the gap RMD closes): :func:`degrade` corrupts a
 share of the *low-resolution* training images (clutter, a colour cast, or the
@@ -28,7 +32,8 @@ from typing import Optional, Sequence
 
 import torch
 
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle", "cross")
+PLURALS = {"circle": "circles", "square": "squares", "triangle": "triangles", "cross": "crosses"}
 COLOURS = {
     "red": (0.90, 0.12, 0.12),
     "green": (0.10, 0.75, 0.20),
@@ -52,9 +57,9 @@ ATTRIBUTES = {
 DEGRADATIONS = ("clutter", "cast", "wrong_colour")
 
 # (shape, colour) pairs never shown in training: evaluation probes compositional generalisation.
-HELD_OUT_PAIRS = frozenset({("circle", "blue"), ("square", "yellow"), ("triangle", "magenta"), ("diamond", "green")})
+HELD_OUT_PAIRS = frozenset({("circle", "blue"), ("square", "yellow"), ("triangle", "magenta"), ("cross", "green")})
 
-TEXTURE_PERIOD = 3.0 / 32.0  # canvas units: 3 px at the 32 px target
+TEXTURE_PERIOD = 4.0 / 32.0  # canvas units: 4 px at the 32 px target
 PATTERN_DARKNESS = 0.25  # pattern pixels are the object colour times this
 
 _REGION_CENTRES = {
@@ -139,7 +144,7 @@ def prompt_for(scene: Scene, variant: int) -> str:
     rng = random.Random(variant)
     plural = scene.count == 2
     det = "two" if plural else rng.choice(("a", "one"))
-    shp = scene.shape + ("s" if plural else "")
+    shp = PLURALS[scene.shape] if plural else scene.shape
     template = _TEMPLATES[rng.randrange(len(_TEMPLATES))]
     text = template.format(
         det=det,
@@ -166,7 +171,7 @@ def vocabulary() -> list[str]:
     words.update(COLOURS)
     words.update(BACKGROUNDS)
     words.update(SHAPES)
-    words.update(s + "s" for s in SHAPES)
+    words.update(PLURALS.values())
     return sorted(words)
 
 
@@ -194,24 +199,29 @@ def _shape_mask(shape: str, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return u * u + v * v <= 1.0
     if shape == "square":
         return torch.maximum(u.abs(), v.abs()) <= 0.86
-    if shape == "diamond":
-        return u.abs() + v.abs() <= 1.15
+    if shape == "cross":  # an upright plus sign: two bars of half-width 0.4
+        a, b = u.abs(), v.abs()
+        return ((a <= 0.4) & (b <= 1.05)) | ((b <= 0.4) & (a <= 1.05))
     # triangle, apex up, base at v = 0.85
     return (v <= 0.85) & (u.abs() <= (v + 1.0) / 1.85 * 1.0)
 
 
 def _texture_mask(texture: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Where the dark pattern is, on the canvas grid (x, y in canvas units)."""
+    """Where the dark pattern is, on the canvas grid (x, y in canvas units).
+
+    Every pattern is mirror-symmetric about the centre of its cell, which lies on a
+    16-px pixel boundary: that is what makes it average out exactly at 16 px.
+    """
     p = TEXTURE_PERIOD
     if texture == "plain":
         return torch.zeros_like(x, dtype=torch.bool)
-    if texture == "striped":
-        return torch.remainder(y, p) < p / 2
-    if texture == "checkered":
-        return (torch.remainder(x, p) < p / 2) ^ (torch.remainder(y, p) < p / 2)
-    # dotted: discs of radius 0.3 p on a square grid
-    dx = torch.remainder(x, p) - p / 2
+    dx = torch.remainder(x, p) - p / 2  # offset from the cell centre
     dy = torch.remainder(y, p) - p / 2
+    if texture == "striped":  # horizontal bands, half a period wide
+        return dy.abs() < p / 4
+    if texture == "checkered":
+        return (dx.abs() < p / 4) ^ (dy.abs() < p / 4)
+    # dotted: one disc of radius 0.3 p per cell
     return dx * dx + dy * dy <= (0.3 * p) ** 2
 
 
