@@ -51,3 +51,25 @@ def test_shipped_teacher_runs_a_cascade_at_its_stage_resolutions():
         model = CFGDenoiser(teacher.denoiser(), teacher.text.encode([""]), cfg.guidance_scale)
         out = sample(model, make_plan(4, "8,16,32", [-2.5, 0.0]), cond, seeds=[0, 1], eta=1.0, gamma=1.0)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_a_later_phase_carries_word_vectors_across_a_vocabulary_change():
+    # a world that renamed one word: shared words keep their trained rows (looked up by word,
+    # not by index), the new word keeps its fresh vector, and everything else is copied as is
+    from rmd.toy.teacher import _carry_word_vectors
+    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+
+    old_tok = ToyTokenizer(["a", "red", "square", "diamond"])
+    new_tok = ToyTokenizer(["a", "cross", "red", "square"])
+    old = build_text_encoder(old_tok, width=16, layers=1, seed=1)
+    fresh = build_text_encoder(new_tok, width=16, layers=1, seed=2)
+    state = _carry_word_vectors(ToyTextEncoder(old_tok, old), new_tok, fresh)
+    key = "text_model.embeddings.token_embedding.weight"
+    table, old_table = state[key], old.state_dict()[key]
+    for word in ("a", "red", "square", "<eos>", "<pad>"):
+        assert torch.equal(table[new_tok.index[word]], old_table[old_tok.index[word]]), word
+    assert torch.equal(table[new_tok.index["cross"]], fresh.state_dict()[key][new_tok.index["cross"]])
+    assert new_tok.index["square"] != old_tok.index["square"]  # the test would be vacuous otherwise
+    layer = "text_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(state[layer], old.state_dict()[layer])
+    fresh.load_state_dict(state)  # the result fits the new encoder

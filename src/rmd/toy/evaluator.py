@@ -17,9 +17,9 @@ Training data is rendered afresh for every step from :mod:`rmd.toy.world`, over 
 attribute combinations (held-out (shape, colour) pairs included: the evaluator measures,
 it does not generate). Each image is rendered at 8, 16 or 32 px and resized to 32, so a
 low-resolution look is not mistaken for a degradation, and half of the images are
-degraded. The texture label is used only for 32 px renders: the 3 px texture period is
-aliased at 16 px and averaged away at 8 px, so a blurry image must not be credited with
-a texture it does not show. Mild augmentation (Gaussian noise, slight Gaussian blur)
+degraded. The texture label is used only for 32 px renders: the 4 px texture averages
+to a flat tone at 16 px and 8 px, so a blurry image must not be credited with a texture
+it does not show. Mild augmentation (Gaussian noise, slight Gaussian blur)
 keeps generated images with small artifacts readable.
 
 Entry point: :func:`train_evaluator` (``python -m rmd.toy.evaluator --out DIR``).
