@@ -2,12 +2,13 @@
 
 Independent truths used here: average pooling (a 32 px render pooled 4x must be the 8 px
 render of the same continuous image), the Laplacian's high-frequency energy (the texture
-must add it at 32 px and not at 8 px), and hand-written word lists for what each
+must add it at 32 px and not at 16 or 8 px), and hand-written word lists for what each
 attribute value must be called in a prompt.
 
-Measured when written: resolution consistency error <= 7e-6 (float32 rounding; tolerance
-1e-4); the texture's Laplacian energy at 8 px (upsampled to 32) is <= 0.95% of its energy
-at 32 px over all colours and backgrounds (threshold 5%); at 32 px it is >= 0.06.
+Measured when written (4 px texture): resolution consistency error <= 7e-6 (float32 rounding;
+tolerance 1e-4); over all colours and backgrounds, the texture's Laplacian energy (upsampled to
+32) is <= 3.2% of its 32 px energy at 16 px (what remains comes from the object's edges) and
+<= 0.9% at 8 px (threshold 5%); at 32 px it is >= 0.047 (threshold 0.03).
 """
 
 from __future__ import annotations
