@@ -140,7 +140,8 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
         lora_prefix=fam.lora_prefix,
         decode=decode,
         extra_modules=text_modules + ([vae] if sampling else []),
-        fresh_model=partial(_load_network, cfg.teacher, fam.network, type(model).__name__),  # named before FSDP
+        # named before FSDP; in the live network's dtype, so a sharded run exports what an unsharded one does
+        fresh_model=partial(_load_network, cfg.teacher, fam.network, type(model).__name__, dtype),
     )
 
 
@@ -170,11 +171,12 @@ def _cached_encoder(cfg: RunConfig, pipe: Any, prompts: list[str], cache_dtype: 
     return EmbeddingCache(folder).encode
 
 
-def _load_network(folder: str, subfolder: str, class_name: str) -> nn.Module:
-    """The family's network alone from the teacher folder, a fresh unsharded copy."""
+def _load_network(folder: str, subfolder: str, class_name: str, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The family's network alone from the teacher folder, a fresh unsharded copy (in ``dtype`` if given)."""
     import diffusers
 
-    return getattr(diffusers, class_name).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return getattr(diffusers, class_name).from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
 
 
 def copy_components(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:
