@@ -131,3 +131,48 @@ def test_shipped_accelerate_config_asks_for_fsdp():
     cfg = load_config_from_file(os.path.join(RECIPE_DIR, "accelerate", "fsdp.yaml"))
     assert cfg.distributed_type == DistributedType.FSDP and cfg.fsdp_config["fsdp_version"] == 2
     assert cfg.mixed_precision == "no"  # the run config's mixed_precision decides, not accelerate's
+
+
+def _clip_rank(rank: int, world: int, port: int, max_norm: float, out: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from rmd.distill.sharding import clip_grad_norm, full
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        # odd sizes: the shards are uneven; the last layer stays a plain (replicated) parameter
+        model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+        grads = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in
+                 enumerate(model.parameters())]
+        fully_shard(model[0])
+        fully_shard(model[1])
+        for p, g in zip(model.parameters(), grads):
+            p.grad = torch.distributed.tensor.distribute_tensor(g, p.device_mesh, p.placements) \
+                if hasattr(p, "device_mesh") else g.clone()
+        norm = clip_grad_norm(list(model.parameters()), max_norm)
+        clipped = [full(p.grad).clone() for p in model.parameters()]
+        if rank == 0:
+            torch.save({"norm": norm, "clipped": clipped}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_gradient_clipping_equals_torch_on_whole_tensors(tmp_path):
+    # independent truth: torch.nn.utils.clip_grad_norm_ on the same gradients, unsharded
+    from helpers import run_two_ranks
+
+    out = str(tmp_path / "clip.pt")
+    run_two_ranks(_clip_rank, 0.5, out)
+    got = torch.load(out)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(7, 5), torch.nn.Linear(5, 3), torch.nn.Linear(3, 2))
+    for i, p in enumerate(model.parameters()):
+        p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+    want_norm = torch.nn.utils.clip_grad_norm_(list(model.parameters()), 0.5)
+    assert want_norm > 2.0  # clipping is active
+    assert torch.allclose(got["norm"], want_norm, rtol=1e-5)
+    for a, p in zip(got["clipped"], model.parameters()):
+        assert torch.allclose(a, p.grad, rtol=1e-5, atol=1e-7)

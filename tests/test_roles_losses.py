@@ -234,3 +234,32 @@ def test_distill_iteration_works_in_latent_units():
     assert res.stage == 1 and res.step in (2, 3)
     assert math.isfinite(res.loss_generator) and math.isfinite(res.loss_fake)
     assert any(p.abs().max() > 0 for n, p in base.model.named_parameters() if "lora_B" in n and ".generator." in n)
+
+
+def test_lora_weights_stay_float32_and_learn_on_a_bf16_base():
+    # independent truth: bf16 has 8 significant bits, so a weight of 0.01 cannot take a step of
+    # 1e-5 (its neighbours are 3.9e-5 away); float32 adapters must keep such steps
+    from rmd.distill.roles import SharedBase
+    from rmd.toy.teacher import TeacherConfig, build_transformer
+
+    from helpers import TINY
+
+    base = SharedBase(build_transformer(TeacherConfig(**{**TINY, "num_layers": 1})).to(torch.bfloat16), rank=4)
+    params = base.parameters("generator")
+    assert params and all(p.dtype == torch.float32 for p in params + base.parameters("fake"))
+    assert next(base.model.proj_out.parameters()).dtype == torch.bfloat16  # the frozen base is unchanged
+    x, t, cond = toy_batch()
+    den = SD3Denoiser(base.model)
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+    had_grad = [False] * len(params)
+    for _ in range(3):
+        opt.zero_grad()
+        x0, _ = den(x.bfloat16(), t, type(cond)(cond.embeds.bfloat16(), cond.pooled.bfloat16()))
+        x0.float().square().mean().backward()
+        had_grad = [h or (p.grad is not None and bool(p.grad.abs().max() > 0)) for h, p in zip(had_grad, params)]
+        opt.step()
+    # lora_A has no gradient until lora_B leaves zero; the last block's text query is unused
+    assert sum(had_grad) >= len(params) - 2
+    stuck = [i for i, (a, p, h) in enumerate(zip(before, params, had_grad)) if h and torch.equal(a, p.detach())]
+    assert not stuck, f"{len(stuck)} LoRA tensors with gradients did not move"

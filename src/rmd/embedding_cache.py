@@ -47,6 +47,11 @@ def _file_fingerprint(path: str) -> str:
 def cache_digest(model_folder: str, text_components: Sequence[str], prompts: Sequence[str], **settings) -> str:
     h = hashlib.sha256()
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    # model_index.json holds pipeline options that change the rows (SDXL's force_zeros_for_empty_prompt)
+    index = os.path.join(model_folder, "model_index.json")
+    if os.path.isfile(index):
+        with open(index, "rb") as f:
+            h.update(f.read())
     for name in text_components:
         sub = os.path.join(model_folder, name)
         if os.path.isdir(sub):
@@ -82,10 +87,14 @@ def build_cache(folder: str, prompts: Sequence[str], encode: Callable[[list[str]
             progress(len(rows))
     with open(os.path.join(tmp, INDEX), "w", encoding="utf-8") as f:
         json.dump({"format": 1, "prompts": unique, "shards": shards, "dtype": str(dtype)}, f)
-    if os.path.isdir(folder):  # a concurrent builder finished first: same digest, same contents
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
+    try:
         os.replace(tmp, folder)
+    except OSError:
+        # a concurrent builder (another job on the same prompts and model) published first:
+        # same digest, same contents, so its folder serves; anything else is a real error
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(folder, INDEX)):
+            raise
     return folder
 
 

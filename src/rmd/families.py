@@ -207,8 +207,11 @@ def model_folder_problems(path: str, backbone: str) -> list[str]:
     return problems
 
 
-def check_model_folder(path: str, backbone: str) -> None:
-    """Raise :class:`rmd.cli.UserError` listing every problem of the folder, before anything is loaded."""
+def check_model_folder(path: str, backbone: str, hint: Optional[str] = None) -> None:
+    """Raise :class:`rmd.cli.UserError` listing every problem of the folder, before anything is loaded.
+
+    ``hint`` ends the message with what the caller's user should change (default: ``--model``).
+    """
     problems = model_folder_problems(path, backbone)
     if problems:
         from .cli import UserError
@@ -216,8 +219,8 @@ def check_model_folder(path: str, backbone: str) -> None:
         fam = family(backbone)
         lines = "\n".join(f"  - {p}" for p in problems)
         raise UserError(f"{path} is not a complete {fam.pipeline_class} folder for backbone {backbone!r}:\n{lines}\n"
-                        "Point --model at the folder `save_pretrained` wrote (or a hub snapshot downloaded "
-                        "beforehand), with every component listed above.")
+                        + (hint or "Point --model at the folder `save_pretrained` wrote (or a hub snapshot "
+                                   "downloaded beforehand), with every component listed above."))
 
 
 # --- loading and prompt encoding ---------------------------------------------------------------
@@ -241,11 +244,12 @@ def _quiet_loading(progress: bool) -> Iterator[None]:
                 m.enable_progress_bar()
 
 
-def load_pipeline(path: str, backbone: str, dtype: Optional[torch.dtype] = None, progress: bool = False):
-    """The stock diffusers pipeline of a checked local folder (never the hub)."""
+def load_pipeline(path: str, backbone: str, dtype: Optional[torch.dtype] = None, progress: bool = False,
+                  hint: Optional[str] = None):
+    """The stock diffusers pipeline of a checked local folder (never the hub); ``hint``: see check_model_folder."""
     import diffusers
 
-    check_model_folder(path, backbone)
+    check_model_folder(path, backbone, hint)
     cls = getattr(diffusers, family(backbone).pipeline_class)
     kwargs: dict[str, Any] = {"local_files_only": True}
     if dtype is not None:

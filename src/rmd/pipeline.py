@@ -102,7 +102,9 @@ class RMDPipeline:
 
         if backbone not in FAMILIES:
             raise UserError(f"{folder}: {CASCADE_FILE} names backbone {backbone!r}; known: toy, {', '.join(FAMILIES)}")
-        diffusers_pipe = load_pipeline(folder, backbone)
+        diffusers_pipe = load_pipeline(folder, backbone, hint=(
+            "Load the complete folder that `rmd distill` exported (RUN/export/generator_full), with every "
+            "component listed above."))
         net = network_of(diffusers_pipe, backbone)
         den = denoiser_factory(diffusers_pipe, backbone)()
         texts = [m for n, m in diffusers_pipe.components.items() if n.startswith("text_encoder") and m is not None]

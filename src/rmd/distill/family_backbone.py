@@ -21,7 +21,7 @@ import os
 import random
 import shutil
 from functools import partial
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -53,13 +53,28 @@ def _text_components(pipe: Any) -> list[str]:
 
 
 def _synchronised(build, is_main: bool) -> None:
-    """Run ``build`` on rank 0 while the other ranks wait (one process: just run it). Call it on every rank."""
+    """Run ``build`` on rank 0 while the other ranks wait (one process: just run it). Call it on every rank.
+
+    If the build fails on rank 0, every rank raises with rank 0's reason, instead of the others
+    waiting at a barrier until the process group times out.
+    """
     dist = torch.distributed
     multi = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    if is_main or not multi:
+    if not multi:
         build()
-    if multi:
-        dist.barrier()
+        return
+    outcome: list[Optional[str]] = [None]
+    failure: Optional[BaseException] = None
+    if is_main:
+        try:
+            build()
+        except Exception as e:  # noqa: BLE001 - reported on every rank, re-raised here
+            failure, outcome[0] = e, f"{type(e).__name__}: {e}"
+    dist.broadcast_object_list(outcome, src=0)  # also the barrier
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise RuntimeError(f"rank 0 could not build the embedding cache: {outcome[0]}")
 
 
 def family_backbone(cfg: RunConfig, sampling: bool = False):
@@ -70,10 +85,13 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
     from .train import Backbone
 
     fam = family(cfg.backbone)
-    check_model_folder(cfg.teacher, cfg.backbone)
+    # a finished run (rmd sample) reaches its teacher through config.yaml, not through --model
+    hint = ("The run's generator is a LoRA on this teacher: put the complete folder back there, or set "
+            "`teacher:` in the run's config.yaml to where it now is.") if sampling else None
+    check_model_folder(cfg.teacher, cfg.backbone, hint)
     prompts = [] if sampling else read_training_prompts(cfg)
     dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else None
-    pipe = load_pipeline(cfg.teacher, cfg.backbone, dtype=dtype)
+    pipe = load_pipeline(cfg.teacher, cfg.backbone, dtype=dtype, hint=hint)
     model = network_of(pipe, cfg.backbone)
     make_denoiser = denoiser_factory(pipe, cfg.backbone)
 
@@ -122,7 +140,8 @@ def family_backbone(cfg: RunConfig, sampling: bool = False):
         lora_prefix=fam.lora_prefix,
         decode=decode,
         extra_modules=text_modules + ([vae] if sampling else []),
-        fresh_model=partial(_load_network, cfg.teacher, fam.network, type(model).__name__),  # named before FSDP
+        # named before FSDP; in the live network's dtype, so a sharded run exports what an unsharded one does
+        fresh_model=partial(_load_network, cfg.teacher, fam.network, type(model).__name__, dtype),
     )
 
 
@@ -152,11 +171,12 @@ def _cached_encoder(cfg: RunConfig, pipe: Any, prompts: list[str], cache_dtype: 
     return EmbeddingCache(folder).encode
 
 
-def _load_network(folder: str, subfolder: str, class_name: str) -> nn.Module:
-    """The family's network alone from the teacher folder, a fresh unsharded copy."""
+def _load_network(folder: str, subfolder: str, class_name: str, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """The family's network alone from the teacher folder, a fresh unsharded copy (in ``dtype`` if given)."""
     import diffusers
 
-    return getattr(diffusers, class_name).from_pretrained(folder, subfolder=subfolder, local_files_only=True)
+    kwargs = {"torch_dtype": dtype} if dtype is not None else {}
+    return getattr(diffusers, class_name).from_pretrained(folder, subfolder=subfolder, local_files_only=True, **kwargs)
 
 
 def copy_components(src: str, dst: str, skip: tuple[str, ...] = ()) -> None:

@@ -66,6 +66,13 @@ class SharedBase:
             torch.manual_seed(init_seed)  # lora_B starts at zero: both roles start equal to the teacher
             model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=targets,
                                          init_lora_weights=True), adapter_name=name)
+        # peft makes the adapters in the base's dtype. The trained weights stay float32 under a
+        # bf16 base: an AdamW step of lr 1e-5 on a bf16 weight near 0.01 is below half its
+        # rounding step (3.9e-5) and is lost, so bf16 LoRA weights would never move.
+        for role in ("generator", "fake"):
+            for p in self.parameters(role):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    p.data = p.data.float()
         self._current = "teacher"
         self.role("generator")
 

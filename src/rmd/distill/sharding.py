@@ -61,8 +61,18 @@ def clip_grad_norm(params: Sequence[nn.Parameter], max_norm: float) -> torch.Ten
     grads = [p.grad for p in params if p.grad is not None]
     if not any(is_sharded(g) for g in grads):
         return torch.nn.utils.clip_grad_norm_(params, max_norm)
-    norms = [full(g.detach().float().norm(2)).to("cpu") for g in grads]
-    total = torch.stack(norms).norm(2) if norms else torch.zeros(())
+    # one all-reduce of the summed squares of the local shards (a 1-D mesh over all ranks, as
+    # shard_model builds it), not one collective and one device sync per tensor
+    sharded_sq = torch.zeros((), dtype=torch.float32, device=grads[0].to_local().device
+                             if is_sharded(grads[0]) else grads[0].device)
+    plain_sq = torch.zeros((), dtype=torch.float32, device=sharded_sq.device)
+    for g in grads:
+        if is_sharded(g):
+            sharded_sq += g.to_local().detach().float().pow(2).sum().to(sharded_sq.device)
+        else:  # replicated: the same on every rank, counted once
+            plain_sq += g.detach().float().pow(2).sum().to(plain_sq.device)
+    torch.distributed.all_reduce(sharded_sq)
+    total = (sharded_sq + plain_sq).sqrt().to("cpu")
     coef = float(torch.clamp(max_norm / (total + 1e-6), max=1.0))
     if torch.isfinite(total) and coef < 1.0:
         for g in grads:
