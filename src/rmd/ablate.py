@@ -77,7 +77,8 @@ STUDIES: dict[str, Study] = {
     "tau": Study(
         "Teacher time range", "Draw the matching time tau inside the stage's teacher-frame interval, or over the "
         "full range?",
-        (Arm("tau in stage", "toy-rmd"), Arm("tau full range", "toy-rmd", overrides=_mc(tau_mode="full"))),
+        (Arm("tau in stage", "toy-rmd", overrides=_mc(tau_mode="stage")),
+         Arm("tau full range", "toy-rmd", overrides=_mc(tau_mode="full"))),
         "tau"),
     "table3": Study(
         "Cross-resolution matching and the cascade (Table 3)", "What do cross-resolution matching and the cascade "
