@@ -13,7 +13,7 @@ and the two halves are mirror images) and at 8 px. So the final, high-resolution
 steps of a cascade have real work to do. The period equals the toy teacher's patch
 size, so every patch carries the same pattern; with the earlier 3-px period a patch's
 pattern depended on its position modulo 3, and the small teacher never learned to
-draw a texture from the prompt (texture read back 0.52, chance 0.25).
+draw a texture from the prompt (texture read back 0.49, chance 0.25).
 
 Resolution-dependent quality (the gap RMD closes): :func:`degrade` corrupts a
 share of the *low-resolution* training images (clutter, a colour cast, or the
