@@ -11,12 +11,13 @@ TINY = dict(num_layers=1, attention_head_dim=8, num_attention_heads=2, text_widt
 def save_tiny_teacher(path: str, seed: int = 0) -> str:
     """A randomly initialised one-block toy teacher folder (what ``load_teacher`` reads)."""
     from rmd.toy.teacher import TeacherConfig, build_transformer, save_teacher
-    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_resampler, build_text_encoder
     from rmd.toy.world import vocabulary
 
     cfg = TeacherConfig(**TINY, seed=seed)
     tok = ToyTokenizer(vocabulary())
-    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=1)), cfg)
+    text = ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=1), build_resampler(cfg.context_tokens, 16, seed=1))
+    save_teacher(path, build_transformer(cfg), text, cfg)
     return path
 
 

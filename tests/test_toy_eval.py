@@ -21,7 +21,7 @@ from rmd.toy import world
 from rmd.toy.evaluate import Row, evaluate_rows, make_eval_set, real_generator, teacher_generator
 from rmd.toy.evaluator import load_evaluator
 from rmd.toy.teacher import TeacherConfig, build_transformer, load_teacher, save_teacher
-from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_resampler, build_text_encoder
 
 FIELDS = {"name": str, "alignment": float, "fd": float, "detail": float, "degraded_rate": float,
           "seconds_per_image": float, "alignment_heldout": (float, type(None)), "per_attribute": dict,
@@ -35,7 +35,8 @@ def teacher_dir(tmp_path_factory) -> str:
                         guidance_scale=2.0)
     tok = ToyTokenizer(world.vocabulary())
     path = str(tmp_path_factory.mktemp("tiny_teacher"))
-    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1)), cfg)
+    save_teacher(path, build_transformer(cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1), build_resampler(cfg.context_tokens, 16)),
+                 cfg)
     return path
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 
 from rmd.denoisers import CFGDenoiser, SD3Denoiser
@@ -73,3 +74,81 @@ def test_a_later_phase_carries_word_vectors_across_a_vocabulary_change():
     layer = "text_model.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(state[layer], old.state_dict()[layer])
     fresh.load_state_dict(state)  # the result fits the new encoder
+
+
+def test_the_context_resampler_ignores_padding_and_round_trips(tmp_path):
+    from rmd.toy.text import ContextResampler, ToyTextEncoder, ToyTokenizer, build_resampler, build_text_encoder
+
+    net = build_resampler(3, 16, seed=0).eval()
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(2, 9, 16, generator=g)
+    mask = torch.tensor([[1] * 5 + [0] * 4, [1] * 9])
+    with torch.no_grad():
+        out = net(states, mask)
+        # what sits in the padded positions must not matter: only the prompt's words do
+        scrambled = states.clone()
+        scrambled[0, 5:] = 100 * torch.randn(4, 16, generator=g)
+        assert torch.allclose(net(scrambled, mask), out, atol=1e-6)
+        # and unmasking the padding does change it, so the check above can fail
+        assert not torch.allclose(net(scrambled, torch.ones_like(mask)), out, atol=1e-3)
+    assert out.shape == (2, 3, 16)
+    net.save(str(tmp_path / "r"))
+    again = ContextResampler.load(str(tmp_path / "r")).eval()
+    with torch.no_grad():
+        assert torch.equal(again(states, mask), out)
+    # through the text encoder: K context tokens, all of them attended to
+    tok = ToyTokenizer(["a", "red", "square"])
+    text = ToyTextEncoder(tok, build_text_encoder(tok, width=16, layers=1), net)
+    cond = text.encode(["a red square", ""])
+    assert cond.embeds.shape == (2, 3, 16) and cond.mask.eq(1).all() and cond.pooled.shape == (2, 16)
+
+
+def test_a_phase_can_add_the_resampler_to_a_per_word_teacher(tmp_path):
+    """--init-from a teacher that fed one token per word: the transformer and the words carry over,
+    the resampler starts fresh, and the result loads with its compressed context."""
+    from helpers import TINY
+
+    from rmd.toy.teacher import build_transformer, save_teacher, train_teacher
+    from rmd.toy.text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+    from rmd.toy.world import vocabulary
+
+    old_cfg = TeacherConfig(**TINY, context_tokens=None)
+    tok = ToyTokenizer(vocabulary())
+    old_dir = str(tmp_path / "old")
+    save_teacher(old_dir, build_transformer(old_cfg), ToyTextEncoder(tok, build_text_encoder(tok, 16, 1, seed=3)), old_cfg)
+    with open(os.path.join(old_dir, "training_record.json"), "w") as f:
+        json.dump({"command": "rmd toy train-teacher", "loss_curve": []}, f)
+    # a folder written before the option existed has no context_tokens key: it means one token per word
+    with open(os.path.join(old_dir, "toy_config.json")) as f:
+        data = json.load(f)
+    del data["context_tokens"]
+    with open(os.path.join(old_dir, "toy_config.json"), "w") as f:
+        json.dump(data, f)
+    assert load_teacher(old_dir).text.resampler is None
+
+    cfg = TeacherConfig(**TINY, context_tokens=2, steps=2, batch_size=2, warmup=1, resolutions=(8, 16),
+                        resolution_weights=(0.5, 0.5), target_resolution=16)
+    new_dir = str(tmp_path / "new")
+    with pytest.raises(ValueError, match="architecture differs"):
+        train_teacher(cfg, new_dir, progress=False, init_from=old_dir)  # 16 px target vs 32: refused
+    cfg = TeacherConfig(**TINY, context_tokens=2, steps=2, batch_size=2, warmup=1)
+    record = train_teacher(cfg, new_dir, progress=False, init_from=old_dir)
+    assert record["init_from"]["command"] == "rmd toy train-teacher"
+    new = load_teacher(new_dir)
+    assert new.text.resampler is not None and new.config.context_tokens == 2
+    assert new.text.encode(["a red square on the left on a black background"]).embeds.shape == (1, 2, 16)
+    # and back again is refused with the fix named
+    with pytest.raises(ValueError, match="context_tokens"):
+        train_teacher(old_cfg.model_copy(update={"steps": 1, "batch_size": 2}), str(tmp_path / "x"), progress=False,
+                      init_from=new_dir)
+
+
+def test_a_folder_whose_config_and_resampler_disagree_is_refused(tmp_path):
+    from helpers import save_tiny_teacher
+
+    path = save_tiny_teacher(str(tmp_path / "t"))
+    import shutil
+
+    shutil.rmtree(os.path.join(path, "text_resampler"))
+    with pytest.raises(ValueError, match="lacks text_resampler"):
+        load_teacher(path)

@@ -75,6 +75,8 @@ def _cmd_toy_train_teacher(args: argparse.Namespace) -> None:
         overrides["lr"] = args.lr
     if args.warmup is not None:
         overrides["warmup"] = args.warmup
+    if args.context_tokens is not None:
+        overrides["context_tokens"] = args.context_tokens or None
     cfg = TeacherConfig(**overrides)
     record = train_teacher(cfg, args.out, resume=not args.restart, init_from=args.init_from)
     print(f"trained {cfg.steps} steps in {record['wall_seconds'] / 60:.1f} min; "
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", help="start from the weights of this teacher folder (a further training phase)")
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup", type=int)
+    t.add_argument("--context-tokens", type=int,
+                   help="context tokens a prompt is compressed to (default 4; 0 feeds one token per word)")
     t.set_defaults(func=_cmd_toy_train_teacher)
 
     te = toy_sub.add_parser("train-evaluator", help="train the toy evaluator (attribute read-back network)")

@@ -86,7 +86,7 @@ class RMDPipeline:
                 teacher = load_teacher(folder)
             except (FileNotFoundError, ValueError) as e:
                 raise UserError(str(e)) from None
-            pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, teacher.text.model])
+            pipe = cls(folder, info, teacher.denoiser(), teacher.text.encode, [teacher.transformer, *teacher.text.modules])
         else:
             pipe = cls._from_family_folder(folder, info, backbone)
         return pipe.to(device) if device is not None else pipe

@@ -172,7 +172,7 @@ def _toy_backbone(cfg: RunConfig, sampling: bool = False) -> Backbone:
         save_full=lambda merged, path: save_teacher(path, merged, teacher.text, teacher.config),
         save_lora=save_lora,
         lora_prefix="transformer",
-        extra_modules=[teacher.text.model],
+        extra_modules=teacher.text.modules,
         fresh_model=lambda: load_teacher(cfg.teacher).transformer,
     )
 

@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from .text import ToyTextEncoder, ToyTokenizer, build_text_encoder
+from .text import ContextResampler, ToyTextEncoder, ToyTokenizer, build_resampler, build_text_encoder
 from .world import training_batch, vocabulary
 
 ASSET_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "toy")
@@ -56,6 +56,9 @@ class TeacherConfig(BaseModel):
     num_attention_heads: int = 4
     text_width: int = 64
     text_layers: int = 2
+    context_tokens: Optional[int] = Field(
+        4, ge=1, description="context tokens the prompt is compressed to (rmd.toy.text.ContextResampler); "
+        "None feeds one token per word, as teachers trained before the resampler did")
     steps: int = Field(7000, ge=1)
     batch_size: int = Field(48, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -122,6 +125,8 @@ def save_teacher(out_dir: str, transformer, text: ToyTextEncoder, cfg: TeacherCo
 
     transformer.save_pretrained(os.path.join(out_dir, "transformer"))
     text.model.save_pretrained(os.path.join(out_dir, "text_encoder"))
+    if text.resampler is not None:
+        text.resampler.save(os.path.join(out_dir, "text_resampler"))
     text.tokenizer.save(os.path.join(out_dir, "tokenizer"))
     FlowMatchEulerDiscreteScheduler(shift=1.0).save_config(os.path.join(out_dir, "scheduler"))
     with open(os.path.join(out_dir, "toy_config.json"), "w") as f:
@@ -151,13 +156,23 @@ def load_teacher(path: Optional[str] = None, device: str = "cpu") -> ToyTeacher:
         raise ValueError(f"{path}/transformer has {tcfg.get('in_channels')} input / {tcfg.get('out_channels')} output "
                          "channels; the toy works in RGB pixel space (3 and 3). Point --teacher at a toy teacher folder")
     with open(os.path.join(path, "toy_config.json")) as f:
-        cfg = TeacherConfig(**json.load(f))
+        data = json.load(f)
+    data.setdefault("context_tokens", None)  # written before the resampler existed: one token per word
+    cfg = TeacherConfig(**data)
+    has_resampler = os.path.exists(os.path.join(path, "text_resampler", "model.safetensors"))
+    if has_resampler != (cfg.context_tokens is not None):
+        raise ValueError(f"{path}: toy_config.json says context_tokens={cfg.context_tokens} but the folder "
+                         f"{'has' if has_resampler else 'lacks'} text_resampler/; the folder is incomplete or mixed. "
+                         "Re-export it with `rmd toy train-teacher` or restore the shipped teacher")
     transformer = SD3Transformer2DModel.from_pretrained(os.path.join(path, "transformer"), local_files_only=True)
     encoder = CLIPTextModelWithProjection.from_pretrained(os.path.join(path, "text_encoder"), local_files_only=True)
     tok = ToyTokenizer.load(os.path.join(path, "tokenizer"))
+    resampler = ContextResampler.load(os.path.join(path, "text_resampler")) if has_resampler else None
+    text = ToyTextEncoder(tok, encoder, resampler)
     transformer.eval().requires_grad_(False).to(device)
-    encoder.eval().requires_grad_(False).to(device)
-    return ToyTeacher(transformer, ToyTextEncoder(tok, encoder), cfg, path)
+    for m in text.modules:
+        m.eval().requires_grad_(False).to(device)
+    return ToyTeacher(transformer, text, cfg, path)
 
 
 # --- training ------------------------------------------------------------------------------
@@ -219,6 +234,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
     tok = ToyTokenizer(vocabulary())
     encoder = build_text_encoder(tok, cfg.text_width, cfg.text_layers, seed=cfg.seed)
     transformer = build_transformer(cfg)
+    resampler = build_resampler(cfg.context_tokens, cfg.text_width, seed=cfg.seed) if cfg.context_tokens else None
     previous = None
     if init_from is not None:
         prev = load_teacher(init_from)
@@ -228,11 +244,22 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
             raise ValueError(f"--init-from {init_from}: its architecture differs from this config in {arch}")
         transformer.load_state_dict(prev.transformer.state_dict())
         encoder.load_state_dict(_carry_word_vectors(prev.text, tok, encoder))
+        # a resampler of the same size carries over; one new to this phase starts fresh, and the
+        # transformer learns to read the compressed context instead of the words
+        if resampler is not None and prev.text.resampler is not None:
+            if prev.text.resampler.num_tokens == resampler.num_tokens:
+                resampler.load_state_dict(prev.text.resampler.state_dict())
+        if resampler is None and prev.text.resampler is not None:
+            raise ValueError(f"--init-from {init_from}: that teacher compresses prompts to "
+                             f"{prev.config.context_tokens} context tokens; this config feeds one per word "
+                             "(context_tokens None). Set context_tokens to continue from it")
         with open(os.path.join(init_from, "training_record.json")) as f:
             previous = json.load(f)
-    params = list(transformer.parameters()) + list(encoder.parameters())
+    # the encoder's networks train and average as one module list
+    text_nets = torch.nn.ModuleList([encoder] + ([resampler] if resampler is not None else []))
+    params = list(transformer.parameters()) + list(text_nets.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema_t, ema_e = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(encoder).requires_grad_(False)
+    ema_t, ema_e = copy.deepcopy(transformer).requires_grad_(False), copy.deepcopy(text_nets).requires_grad_(False)
     record = {"command": " ".join(sys.argv), "config": cfg.model_dump(mode="json"), "loss_curve": [], "wall_seconds": 0.0,
               "init_from": previous}
     start = 0
@@ -242,14 +269,14 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         if state["config"] != cfg.model_dump(mode="json"):
             raise ValueError(f"{ckpt_path} was written with a different config; use another --out or delete it")
         transformer.load_state_dict(state["transformer"])
-        encoder.load_state_dict(state["encoder"])
+        text_nets.load_state_dict(state["encoder"])
         ema_t.load_state_dict(state["ema_transformer"])
         ema_e.load_state_dict(state["ema_encoder"])
         opt.load_state_dict(state["optimizer"])
         record = state["record"]
         start = state["step"]
     transformer.train()
-    encoder.train()
+    text_nets.train()
     res_rng_weights = list(cfg.resolution_weights)
     window: list[float] = []
     t_begin = time.time() - record["wall_seconds"]
@@ -269,7 +296,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
         ids, mask = tok(prompts)
         enc = encoder(input_ids=ids, attention_mask=mask)
-        out = transformer(hidden_states=xt, encoder_hidden_states=enc.last_hidden_state,
+        context = enc.last_hidden_state if resampler is None else resampler(enc.last_hidden_state, mask)
+        out = transformer(hidden_states=xt, encoder_hidden_states=context,
                           pooled_projections=enc.text_embeds, timestep=1000 * t).sample
         loss = flow_matching_loss(out, x0, eps).mean()
         for group in opt.param_groups:
@@ -280,7 +308,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         opt.step()
         decay = min(cfg.ema_decay, (1 + step) / (10 + step)) if cfg.ema_warmup else cfg.ema_decay
         with torch.no_grad():
-            for ema, live in ((ema_t, transformer), (ema_e, encoder)):
+            for ema, live in ((ema_t, transformer), (ema_e, text_nets)):
                 for pe, pl in zip(ema.parameters(), live.parameters()):
                     pe.lerp_(pl, 1 - decay)
         window.append(loss.item())
@@ -292,14 +320,15 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         if (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
             record["wall_seconds"] = time.time() - t_begin
             _atomic_save({"step": step + 1, "config": cfg.model_dump(mode="json"), "transformer": transformer.state_dict(),
-                          "encoder": encoder.state_dict(), "ema_transformer": ema_t.state_dict(),
+                          "encoder": text_nets.state_dict(), "ema_transformer": ema_t.state_dict(),
                           "ema_encoder": ema_e.state_dict(), "optimizer": opt.state_dict(), "record": record}, ckpt_path)
     record["wall_seconds"] = round(time.time() - t_begin, 1)
     record["threads"] = torch.get_num_threads()
     # write the finished model next to the checkpoint, then swap it in: never a half-written folder
     staging = os.path.join(out_dir, ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    save_teacher(staging, ema_t.eval(), ToyTextEncoder(tok, ema_e.eval()), cfg)
+    ema_e.eval()
+    save_teacher(staging, ema_t.eval(), ToyTextEncoder(tok, ema_e[0], ema_e[1] if resampler is not None else None), cfg)
     with open(os.path.join(staging, "training_record.json"), "w") as f:
         json.dump(record, f, indent=1)
     for name in os.listdir(staging):
