@@ -27,6 +27,17 @@ def test_shipped_teacher_loads_offline_and_has_its_record(monkeypatch):
     assert total < 20 * 2**20
 
 
+def test_shipped_teacher_feeds_its_compressed_context_whatever_the_prompt_length():
+    # the speed bound of the toy's cascades rests on this: a call carries context_tokens text
+    # tokens, not one per word (rmd.toy.text docstring)
+    teacher = load_teacher()
+    k = teacher.config.context_tokens
+    assert k is not None and teacher.text.resampler is not None and teacher.text.resampler.num_tokens == k
+    cond = teacher.text.encode(["a red circle", "two cyan dotted squares at the top on a gray background"])
+    assert cond.embeds.shape[1] == k < len("two cyan dotted squares at the top on a gray background".split())
+    assert bool(cond.mask.all())
+
+
 def test_shipped_teacher_denoises_far_better_than_chance():
     """Velocity MSE on fresh renders is well below the zero-prediction baseline at every noise level."""
     teacher = load_teacher()

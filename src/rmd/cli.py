@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float)
     t.add_argument("--warmup", type=int)
     t.add_argument("--context-tokens", type=int,
-                   help="context tokens a prompt is compressed to (default 4; 0 feeds one token per word)")
+                   help="context tokens a prompt is compressed to (default 2; 0 feeds one token per word)")
     t.set_defaults(func=_cmd_toy_train_teacher)
 
     te = toy_sub.add_parser("train-evaluator", help="train the toy evaluator (attribute read-back network)")
@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=50, help="teacher sampling steps")
     e.add_argument("--guidance", type=float, default=None, help="teacher CFG scale (default: the teacher's own)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--rows", default="real,teacher,teacher-low", help="comma-separated rows to evaluate")
+    e.add_argument("--rows", default="real,teacher,teacher-low", help="comma-separated rows to evaluate; also real-blur and real-noise, "
+                   "barely visible perturbations of the real renders that give FD a scale")
     e.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
     e.add_argument("--json", action="store_true", help="print the rows as JSON")
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")

@@ -57,7 +57,7 @@ class TeacherConfig(BaseModel):
     text_width: int = 64
     text_layers: int = 2
     context_tokens: Optional[int] = Field(
-        4, ge=1, description="context tokens the prompt is compressed to (rmd.toy.text.ContextResampler); "
+        2, ge=1, description="context tokens the prompt is compressed to (rmd.toy.text.ContextResampler); "
         "None feeds one token per word, as teachers trained before the resampler did")
     steps: int = Field(7000, ge=1)
     batch_size: int = Field(48, ge=1)
