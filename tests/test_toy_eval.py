@@ -134,3 +134,23 @@ def test_evaluate_rows_api(teacher_dir):
 
     with pytest.raises(ValueError, match=r"must return \(16, 3, H, W\)"):
         evaluate_rows([Row("bad", lambda p, s: torch.zeros(15, 3, 32, 32))], evaluator=evaluator, eval_set=eval_set)
+
+
+def test_perturbed_real_rows_sit_between_the_floor_and_a_visible_change():
+    """real-blur / real-noise: attributes still read, FD above the real floor, far below a 1 px blur."""
+    from rmd.toy.evaluate import standard_rows
+    from rmd.toy.evaluator import gaussian_blur
+
+    eval_set = make_eval_set(64, seed=3)
+    evaluator = load_evaluator()
+    real = real_generator(eval_set)
+    rows = standard_rows(["real", "real-blur", "real-noise"], eval_set) + [
+        Row("blur1", lambda p, s: gaussian_blur(real(p, s), torch.full((len(p),), 1.0)))]
+    by = {r["name"]: r for r in evaluate_rows(rows, evaluator=evaluator, eval_set=eval_set)}
+    for name in ("real-blur", "real-noise"):
+        assert by[name]["alignment"] > 0.97, name
+        assert by["real"]["fd"] < by[name]["fd"] < by["blur1"]["fd"] / 3, (name, by[name]["fd"], by["blur1"]["fd"])
+    assert by["real-blur"]["detail"] < 0.7 < by["real"]["detail"] < by["real-noise"]["detail"]
+    # reproducible: each image's noise comes from its own seed
+    noisy = standard_rows(["real-noise"], eval_set)[0].generate
+    assert torch.equal(noisy(eval_set.prompts, eval_set.seeds)[5], noisy(eval_set.prompts, eval_set.seeds)[5])

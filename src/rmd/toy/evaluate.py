@@ -18,7 +18,10 @@ Standard rows (``rmd toy eval``):
   steps (:func:`rmd.sampler.sample` with eta = 1 on a one-stage plan of uniform times)
   with classifier-free guidance; nfe = 2 x steps (1 x when guidance is 1);
 * ``teacher-low``: the same at the lowest training resolution (8 px), bilinearly
-  upsampled to the target: what a cascade's first stage alone would give.
+  upsampled to the target: what a cascade's first stage alone would give;
+* ``real-blur`` and ``real-noise`` (not in the default list): the ``real`` renders blurred
+  by a 0.5 px Gaussian, or with Gaussian pixel noise of std 0.1. Both are barely visible
+  and leave every attribute readable, so their distances tell what size of FD is small.
 
 ``--run NAME=DIR`` adds a distilled generator (a finished ``rmd distill`` folder) as a
 row, sampled with its own plan and sampling settings.
@@ -42,7 +45,10 @@ from .metrics import compute_metrics
 from .world import ATTRIBUTES, Scene, prompt_for, render, sample_scenes
 
 GenerateFn = Callable[[list[str], list[int]], torch.Tensor]
-STANDARD_ROWS = ("real", "teacher", "teacher-low")
+STANDARD_ROWS = ("real", "teacher", "teacher-low", "real-blur", "real-noise")
+# The reference rows' perturbations: barely visible at 32 px, they give the Frechet distance a scale
+REAL_BLUR_SIGMA = 0.5  # px, Gaussian
+REAL_NOISE_STD = 0.1  # on [-1, 1] pixel values, Gaussian
 TARGET = 32
 
 
@@ -103,6 +109,22 @@ def real_generator(eval_set: EvalSet) -> GenerateFn:
         if list(prompts) != eval_set.prompts:
             raise ValueError("the real row renders the eval set's own scenes; call it with eval_set.prompts")
         return render(eval_set.scenes, TARGET, eval_set.real_seeds)
+
+    return generate
+
+
+def perturbed_real_generator(eval_set: EvalSet, name: str) -> GenerateFn:
+    """The ``real`` row's renders, blurred (``real-blur``) or with pixel noise (``real-noise``, seeded by image)."""
+    from .evaluator import gaussian_blur
+
+    base = real_generator(eval_set)
+
+    def generate(prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        x = base(prompts, seeds)
+        if name == "real-blur":
+            return gaussian_blur(x, torch.full((x.shape[0],), REAL_BLUR_SIGMA))
+        noise = torch.stack([torch.randn(x.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seeds])
+        return x + REAL_NOISE_STD * noise
 
     return generate
 
@@ -207,6 +229,8 @@ def standard_rows(names: Sequence[str], eval_set: EvalSet, teacher_path: Optiona
     for name in names:
         if name == "real":
             rows.append(Row("real", real_generator(eval_set), 0.0))
+        elif name.startswith("real-"):
+            rows.append(Row(name, perturbed_real_generator(eval_set, name), 0.0))
         else:
             res = min(teacher.config.resolutions) if name == "teacher-low" else None
             gen, nfe = teacher_generator(teacher, steps, guidance, res, progress=progress)
