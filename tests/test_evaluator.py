@@ -199,3 +199,33 @@ def test_alignment_standard_error_is_over_images():
     assert acc["alignment"] == pytest.approx(0.625)
     std = math.sqrt((2 * 0.375**2 + 0.125**2 + 0.625**2) / 3)
     assert acc["alignment_se"] == pytest.approx(std / 2, rel=1e-6)
+
+
+def test_paired_fd_bootstrap_separates_a_real_shift_and_cancels_shared_noise():
+    from rmd.toy.metrics import feature_fd, paired_fd_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(300, 4, generator=g)
+    same = ref + 0.3 * torch.randn(300, 4, generator=g)  # image-by-image close to the reference
+    shifted = same + torch.tensor([0.6, 0.0, 0.0, 0.0])  # the same images, mean moved: FD + 0.36
+    out = paired_fd_bootstrap({"a": same, "b": shifted, "a2": same.clone()}, ref, rounds=100, seed=1)
+    d = out["b"]["fd_diff"]["a"]
+    assert d["diff"] == pytest.approx(feature_fd(shifted, ref) - feature_fd(same, ref))
+    assert d["diff"] > 0.25 and d["diff"] > 4 * d["se"]  # a real difference, well outside the spread
+    assert d["se"] < out["b"]["fd_se"]  # pairing removes the prompts' shared variation
+    assert out["a"]["fd_diff"]["a2"] == {"diff": 0.0, "se": 0.0}  # identical sets never differ
+    assert out["a"]["fd_diff"]["b"]["diff"] == pytest.approx(-d["diff"])
+    assert paired_fd_bootstrap({"a": same, "b": shifted}, ref, rounds=100, seed=1)["b"] == \
+        {"fd_se": out["b"]["fd_se"], "fd_diff": {"a": d}}  # reproducible from its seed
+    with pytest.raises(ValueError, match="one row per reference"):
+        paired_fd_bootstrap({"a": same[:10]}, ref)
+
+
+def test_toy_eval_fd_bootstrap_adds_the_spread_to_the_json_rows(capsys):
+    from rmd.cli import main
+
+    assert main(["toy", "eval", "--rows", "real,real-blur", "--num-images", "24", "--fd-bootstrap", "20",
+                 "--json"]) in (0, None)
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["real-blur"]["fd_diff"]["real"]["diff"] == pytest.approx(rows["real-blur"]["fd"] - rows["real"]["fd"])
+    assert rows["real"]["fd_se"] > 0 and rows["real-blur"]["fd_diff"]["real"]["se"] > 0

@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "barely visible perturbations of the real renders that give FD a scale")
     e.add_argument("--teacher", default=None, help="toy teacher folder (default: the shipped one)")
     e.add_argument("--json", action="store_true", help="print the rows as JSON")
+    e.add_argument("--fd-bootstrap", type=int, default=0, metavar="ROUNDS",
+                   help="add fd_se and the paired FD difference to every other row (fd_diff), from this many "
+                        "bootstrap rounds over the evaluation images")
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
     e.add_argument("--run", action="append", metavar="NAME=DIR",
                    help="also evaluate the generator of a finished `rmd distill` folder as row NAME (repeatable)")

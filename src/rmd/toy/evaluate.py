@@ -256,6 +256,11 @@ def format_table(results: Sequence[dict]) -> str:
     lines.append(f"({n} images; align = share of prompt attributes read back, held = on held-out (shape, colour) "
                  "pairs; fd = Frechet distance of evaluator features to real renders; detail = high-frequency "
                  "energy / real; degr = share flagged degraded)")
+    for r in results:  # with --fd-bootstrap: paired FD differences, each pair once
+        for other, d in r.get("fd_diff", {}).items():
+            if [x["name"] for x in results].index(other) > [x["name"] for x in results].index(r["name"]):
+                lines.append(f"fd {r['name']} - {other}: {d['diff']:+.1f} +- {d['se']:.1f} (paired bootstrap sd; "
+                             f"fd {r['name']} +- {r['fd_se']:.1f})")
     return "\n".join(lines)
 
 
@@ -294,6 +299,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
                         f"got {args.num_images}")
     if args.steps < 1:
         raise UserError(f"--steps must be a positive integer, got {args.steps}")
+    if args.fd_bootstrap and args.fd_bootstrap < 2:
+        raise UserError(f"--fd-bootstrap takes a number of rounds of at least 2, got {args.fd_bootstrap}")
     runs = []
     for item in args.run or []:
         name, sep, path = item.partition("=")
@@ -313,6 +320,13 @@ def run_eval_command(args: argparse.Namespace) -> None:
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
     results, images = evaluate_rows(rows, evaluator=evaluator, eval_set=eval_set, return_images=True)
+    if args.fd_bootstrap:
+        from .metrics import paired_fd_bootstrap
+
+        spread = paired_fd_bootstrap({k: evaluator.read(v).features for k, v in images.items()},
+                                     evaluator.read(eval_set.reference).features, args.fd_bootstrap, args.seed)
+        for r in results:
+            r.update(spread[r["name"]])
     if args.grid:
         write_grid(args.grid, images)
     print(json.dumps(results, indent=1) if args.json else format_table(results))

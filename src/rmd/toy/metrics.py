@@ -105,6 +105,39 @@ def feature_fd(features_a: torch.Tensor, features_b: torch.Tensor) -> float:
     return frechet_distance(*gaussian_fit(features_a), *gaussian_fit(features_b))
 
 
+def paired_fd_bootstrap(features: dict[str, torch.Tensor], reference: torch.Tensor, rounds: int = 200,
+                        seed: int = 0) -> dict[str, dict]:
+    """Bootstrap spread of each set's FD and of every pairwise FD difference.
+
+    All sets score the same prompts, so image i of every set and of the reference belong
+    together: each round resamples image indices once and recomputes every FD on them
+    (a paired bootstrap). The spread of ``FD_a - FD_b`` over rounds is far smaller than
+    either FD's own, because the prompts' share of the variation cancels. It measures the
+    evaluation set's sampling error only, not the training run's (another seed).
+
+    Returns ``{name: {"fd_se": sd, "fd_diff": {other: {"diff": FD_name - FD_other, "se": sd}}}}``
+    where ``diff`` is on the full set and the spreads are standard deviations over rounds.
+    """
+    if rounds < 2:
+        raise ValueError(f"rounds must be at least 2, got {rounds}")
+    n = reference.shape[0]
+    if any(f.shape[0] != n for f in features.values()):
+        raise ValueError("every feature set must hold one row per reference image")
+    rng = np.random.default_rng(seed)
+    names = list(features)
+    boots = {k: np.empty(rounds) for k in names}
+    for r in range(rounds):
+        idx = torch.as_tensor(rng.integers(0, n, n))
+        ref = reference[idx]
+        for k in names:
+            boots[k][r] = feature_fd(features[k][idx], ref)
+    full = {k: feature_fd(features[k], reference) for k in names}
+    return {a: {"fd_se": float(boots[a].std(ddof=1)),
+                "fd_diff": {b: {"diff": full[a] - full[b], "se": float((boots[a] - boots[b]).std(ddof=1))}
+                            for b in names if b != a}}
+            for a in names}
+
+
 def high_frequency_energy(images: torch.Tensor, size: int = 32) -> torch.Tensor:
     """Per-image mean squared Laplacian response at ``size`` px: (B,).
 
@@ -154,4 +187,5 @@ __all__ = [
     "frechet_distance",
     "gaussian_fit",
     "high_frequency_energy",
+    "paired_fd_bootstrap",
 ]
