@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--train-baselines", action="store_true",
                     help="train the DMD2 and naive baselines here instead of using the shipped ones (slow)")
     dm.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
-    dm.add_argument("--timing-batch", type=int, default=32, help="images per method and timing round")
+    dm.add_argument("--timing-batch", type=int, default=None,
+                    help="images per method and timing round (default: 128, or --num-images if fewer; on a CPU, "
+                         "small batches at 8-16 px cost mostly per-call overhead, docs/RESULTS.md)")
     dm.add_argument("--quiet", action="store_true", help="no progress bars")
     dm.set_defaults(func=_lazy("demo", "run_demo_command"))
 
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(speedups, ideal speedups, efficiency, sampler overhead)")
     bn.add_argument("--tiny", choices=["sdxl", "pixart", "sd3", "wan"], default=None,
                     help="benchmark a tiny random instance of this diffusers family instead of the toy teacher")
-    bn.add_argument("--batch", type=int, default=32, help="images per sampler call")
+    bn.add_argument("--batch", type=int, default=128, help="images per sampler call (default 128)")
     bn.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (median)")
     bn.add_argument("--recipe", default=None, help="with --model: a real recipe (name or YAML); its plan is the "
                                                  "cascade, its CFG scale and teacher steps the teacher row's")

@@ -329,7 +329,7 @@ def train_config(cfg, out: str, progress: bool) -> None:
 
 
 def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional[int] = None,
-             train_baselines: bool = False, rounds: int = 5, timing_batch: int = 32, teacher_steps: int = 50,
+             train_baselines: bool = False, rounds: int = 5, timing_batch: int = 128, teacher_steps: int = 50,
              progress: bool = True, teacher: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR,
              overrides: Optional[dict[str, Any]] = None) -> list[dict]:
     """The whole demo; returns the report rows (also written to ``out/report.json``).
@@ -424,6 +424,8 @@ def run_demo_command(args: Any) -> None:
         raise UserError(f"--max-steps must be a positive integer, got {args.max_steps}")
     if args.rounds < 1:
         raise UserError("--rounds must be at least 1")
+    if args.timing_batch is None:
+        args.timing_batch = min(128, args.num_images)
     if args.timing_batch < 1 or args.timing_batch > args.num_images:
         raise UserError(f"--timing-batch must be between 1 and --num-images ({args.num_images})")
     from .distill.train import check_writable_folder
