@@ -433,3 +433,31 @@ def test_bad_input_raises_before_work(bundles):
         sample(sd3.denoiser, _plan("2-stage"), c1, [0], eta=0.5, gamma=0.5, num_frames=5)
     with pytest.raises(SizeError, match="4k\\+1|not 4"):
         sample(wan.denoiser, _plan("2-stage"), wan.make_cond(1), [0], eta=0.5, gamma=0.5, num_frames=4)
+
+
+@pytest.mark.parametrize("size", [8, 5])  # 3 x 8 x 8 draws in one call per image; 3 x 5 x 5 one per step
+def test_each_image_draws_its_initial_noise_then_one_z_per_transition(size):
+    """The stream an image's seed gives, recovered from the states: x_0 = std(t_0) eps_0 and,
+    with x0_hat = 0 and eta = 0, x_1 = t_1 z_1 and x_2 = t_2 z_2."""
+    from rmd.plan import make_plan
+    from rmd.schedules import marginal_std
+
+    class Zero:
+        def check_size(self, s, f):
+            pass
+
+        def latent_shape(self, s, f):
+            return (3, *s)
+
+        def __call__(self, x, t, c):
+            return torch.zeros_like(x), torch.ones_like(x)
+
+    plan = make_plan(3, [size])
+    cond = Conditioning(torch.zeros(2, 1, 4))
+    _, traj = sample(Zero(), plan, cond, [11, 12], eta=0.0, gamma=1.0, return_intermediates=True)
+    for i, seed in enumerate([11, 12]):
+        g = torch.Generator().manual_seed(seed)
+        want = [torch.randn((3, size, size), generator=g) for _ in range(3)]
+        torch.testing.assert_close(traj.x[0][i], float(marginal_std(plan.steps[0].t)) * want[0], rtol=0, atol=1e-6)
+        for k in (1, 2):
+            torch.testing.assert_close(traj.x[k][i], plan.steps[k].t * want[k], rtol=0, atol=1e-6)

@@ -24,6 +24,8 @@ settings): not on batch size, chunking, process count or the other images in the
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
 import operator
 from dataclasses import dataclass, field
@@ -62,6 +64,40 @@ def _check_unit(name: str, value: float) -> float:
 def _draw(gens: Sequence[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """One standard-normal tensor of ``shape`` per image, each from that image's generator."""
     return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in gens]).to(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _split_draws_match() -> bool:
+    """Whether one long ``randn`` equals consecutive shorter ones (sizes that are multiples of 16).
+
+    torch's CPU normal sampler turns consecutive uniforms into normals in blocks of 16, so
+    this holds today; it is checked once at run time rather than assumed, and sampling falls
+    back to one draw per step if a torch release ever changes it.
+    """
+    a, b = torch.Generator().manual_seed(20261203), torch.Generator().manual_seed(20261203)
+    sizes = (48, 768, 3072, 16)
+    parts = torch.cat([torch.randn(n, generator=a, dtype=torch.float32) for n in sizes])
+    return torch.equal(parts, torch.randn(sum(sizes), generator=b, dtype=torch.float32))
+
+
+def _noise_streams(gens: Sequence[torch.Generator], shapes: Sequence[tuple[int, ...]],
+                   device: torch.device) -> list[torch.Tensor]:
+    """Every draw of a chunk, in stream order: ``out[k]`` is the (B, *shapes[k]) noise of draw k.
+
+    The same numbers as one :func:`_draw` per step. When every draw's size is a multiple of
+    16, each image's whole stream comes from one ``randn`` call and is cut into steps: one
+    call per image instead of one per image and step, which is most of the sampler's own
+    time on small, fast networks.
+    """
+    sizes = [math.prod(shape) for shape in shapes]
+    if not all(n % 16 == 0 for n in sizes) or not _split_draws_match():
+        return [_draw(gens, shape, device) for shape in shapes]
+    whole = torch.stack([torch.randn(sum(sizes), generator=g, dtype=torch.float32) for g in gens]).to(device)
+    out, start = [], 0
+    for shape, n in zip(shapes, sizes):
+        out.append(whole[:, start:start + n].reshape(len(gens), *shape))
+        start += n
+    return out
 
 
 def _device_of(denoiser: Any, cond: Conditioning) -> torch.device:
@@ -217,9 +253,11 @@ def _run_chunk(
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     b = len(seeds)
     steps = plan.steps
+    # draw k: the initial noise (k = 0), then the z of the transition into step k
+    noise = _noise_streams(gens, shapes, device)
     # x_{t_0} = t_0 eps + (1 - t_0) x0 has std marginal_std(t_0) for unit-variance data; at
     # t_0 = 1 this is pure noise, and for VP backbones it is exactly DDIM's N(0, 1) start.
-    x = float(marginal_std(steps[0].t)) * _draw(gens, shapes[0], device)
+    x = float(marginal_std(steps[0].t)) * noise[0]
     for i, step in enumerate(steps):
         # float64 so plan times reach the adapter unrounded (VP adapters map t to a timestep index)
         t = torch.full((b,), step.t, dtype=torch.float64, device=device)
@@ -233,7 +271,7 @@ def _run_chunk(
         if i + 1 == len(steps):
             return x0_hat
         nxt_shape, t_next = shapes[i + 1], steps[i + 1].t
-        z = _draw(gens, nxt_shape, device)  # drawn every transition: a fixed per-image stream
+        z = noise[i + 1]  # drawn for every transition: a fixed per-image stream
         if nxt_shape == shapes[i]:
             x = renoise(x0_hat, eps_hat, t_next, eta, z)
         else:
