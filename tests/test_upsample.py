@@ -29,29 +29,6 @@ def _impulse_response_std(in_size, out_size, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("in_size,out_size", SIZE_PAIRS + [((16, 16), (8, 8))])
-def test_upsample_equals_the_interpolation_kernel(mode, in_size, out_size):
-    # upsample runs as two matmuls with the operator's 1-D matrices: it must stay F.interpolate
-    g = torch.Generator().manual_seed(1)
-    align = None if mode == "nearest" else False
-    x = torch.randn(3, 4, *in_size, generator=g, dtype=torch.float64)
-    want = F.interpolate(x, size=out_size, mode=mode, align_corners=align)
-    torch.testing.assert_close(upsample(x, out_size, mode), want, rtol=1e-12, atol=1e-12)
-    x32 = x.float().requires_grad_(True)
-    got = upsample(x32, out_size, mode)
-    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-5)  # float32 rounding
-    video = x.float().reshape(3, 2, 2, *in_size)  # (B, C, T, h, w): frame by frame
-    want_v = F.interpolate(video.permute(0, 2, 1, 3, 4).reshape(6, 2, *in_size), size=out_size, mode=mode,
-                           align_corners=align).reshape(3, 2, 2, *out_size).permute(0, 2, 1, 3, 4)
-    torch.testing.assert_close(upsample(video, out_size, mode), want_v, rtol=1e-5, atol=1e-5)
-    # differentiable, with the kernel's gradient
-    got.sum().backward()
-    ref = x.float().requires_grad_(True)
-    F.interpolate(ref, size=out_size, mode=mode, align_corners=align).sum().backward()
-    torch.testing.assert_close(x32.grad, ref.grad, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("in_size,out_size", SIZE_PAIRS)
 def test_std_map_is_exact(mode, in_size, out_size):
     want = _impulse_response_std(in_size, out_size, mode)

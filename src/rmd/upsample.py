@@ -48,29 +48,12 @@ def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
     return (h, w)
 
 
-def _interpolate(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """``F.interpolate`` on (N, C, h, w) with the project's fixed settings: the definition of ``Up``."""
+def _interp2d(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """``F.interpolate`` on (N, C, h, w) with the project's fixed settings."""
     # align_corners=False (pixel-centre grid, as diffusers' pipelines resize) and no antialias:
     # antialias would make the operator depend on the direction of the resize.
     align = None if mode == "nearest" else False
     return F.interpolate(x, size=size, mode=mode, align_corners=align, antialias=False)
-
-
-@functools.lru_cache(maxsize=64)
-def _matrix_cached(n_in: int, n_out: int, mode: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    return interp_matrix(n_in, n_out, mode).to(dtype=dtype, device=device)
-
-
-def _interp2d(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """:func:`_interpolate` computed as ``W_h x W_w^T`` with its own 1-D matrices.
-
-    The same operator (equal to ``F.interpolate`` up to float rounding, tested), but two
-    small matmuls run 6-8x faster than the interpolation kernel on the small latents of a
-    cascade's low stages, where the sampler's own time is otherwise a visible share.
-    """
-    wh = _matrix_cached(x.shape[-2], size[0], mode, x.dtype, x.device)
-    ww = _matrix_cached(x.shape[-1], size[1], mode, x.dtype, x.device)
-    return torch.matmul(torch.matmul(wh, x), ww.T)
 
 
 def upsample(x: torch.Tensor, size: Union[int, Sequence[int]], mode: str = "bilinear") -> torch.Tensor:
@@ -106,7 +89,7 @@ def interp_matrix(n_in: int, n_out: int, mode: str) -> torch.Tensor:
     """
     _check_mode(mode)
     eye = torch.eye(n_in, dtype=torch.float64).reshape(n_in, 1, n_in, 1)
-    cols = _interpolate(eye, (n_out, 1), mode)  # (n_in, 1, n_out, 1): the response to e_k
+    cols = _interp2d(eye, (n_out, 1), mode)  # (n_in, 1, n_out, 1): the response to e_k
     return cols.reshape(n_in, n_out).T.contiguous()
 
 
