@@ -256,9 +256,10 @@ def format_table(results: Sequence[dict]) -> str:
     lines.append(f"({n} images; align = share of prompt attributes read back, held = on held-out (shape, colour) "
                  "pairs; fd = Frechet distance of evaluator features to real renders; detail = high-frequency "
                  "energy / real; degr = share flagged degraded)")
+    order = {r["name"]: i for i, r in enumerate(results)}
     for r in results:  # with --fd-bootstrap: paired FD differences, each pair once
         for other, d in r.get("fd_diff", {}).items():
-            if [x["name"] for x in results].index(other) > [x["name"] for x in results].index(r["name"]):
+            if order[other] > order[r["name"]]:
                 lines.append(f"fd {r['name']} - {other}: {d['diff']:+.1f} +- {d['se']:.1f} (paired bootstrap sd; "
                              f"fd {r['name']} +- {r['fd_se']:.1f})")
     return "\n".join(lines)
