@@ -461,3 +461,33 @@ def test_each_image_draws_its_initial_noise_then_one_z_per_transition(size):
         torch.testing.assert_close(traj.x[0][i], float(marginal_std(plan.steps[0].t)) * want[0], rtol=0, atol=1e-6)
         for k in (1, 2):
             torch.testing.assert_close(traj.x[k][i], plan.steps[k].t * want[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta,gamma", [(1.0, 0.5), (0.0, 1.0), (0.3, 0.6)])
+def test_unused_draws_keep_their_place_in_the_stream(eta, gamma):
+    """With x0_hat = eps_hat = 0 every state is x_k = t_k sqrt(1 - mix_k^2) z_k, so each z_k
+    can be read back: it must be the k-th draw of the image's full stream whether or not the
+    draws before it had any weight (a trailing unused draw is skipped; its state is 0)."""
+    from rmd.plan import make_plan
+
+    class Zero:
+        def check_size(self, s, f):
+            pass
+
+        def latent_shape(self, s, f):
+            return (3, *s)
+
+        def __call__(self, x, t, c):
+            return torch.zeros_like(x), torch.zeros_like(x)
+
+    plan = make_plan(4, [8, 16], [-2.5])
+    assert [s.size[-1] for s in plan.steps] == [8, 8, 16, 16]
+    mixes = [None, eta, gamma, eta]
+    _, traj = sample(Zero(), plan, Conditioning(torch.zeros(2, 1, 4)), [5, 6], eta=eta, gamma=gamma,
+                     return_intermediates=True)
+    for i, seed in enumerate([5, 6]):
+        g = torch.Generator().manual_seed(seed)
+        want = [torch.randn((3, s.size[-1], s.size[-1]), generator=g) for s in plan.steps]
+        for k in (1, 2, 3):
+            weight = plan.steps[k].t * math.sqrt(1 - mixes[k] ** 2)
+            torch.testing.assert_close(traj.x[k][i], weight * want[k], rtol=0, atol=1e-6)

@@ -138,3 +138,17 @@ def test_renoise_per_sample_times():
     with pytest.raises(ValueError):
         renoise(x0, eps, t, 1.1, z)
     assert math.isclose(renoise(x0, eps, 0.0, 0.0, z)[0, 0, 0, 0].item(), 2.0)
+
+
+def test_renoise_without_fresh_noise_and_mixed_dtypes():
+    x0, eps = torch.full((2, 1, 2, 2), 2.0), torch.full((2, 1, 2, 2), 3.0)
+    t = torch.tensor([0.25, 0.5])
+    # gamma = 1 gives z no weight, so it may be left out
+    torch.testing.assert_close(renoise(x0, eps, t, 1.0, None)[:, 0, 0, 0], torch.tensor([2.25, 2.5]))
+    with pytest.raises(ValueError, match="z is needed"):
+        renoise(x0, eps, t, 0.9, None)
+    with pytest.raises(ValueError, match="one shape"):
+        renoise(x0, eps, t, 0.5, torch.zeros(2, 1, 2, 3))
+    # bf16 latents with float32 noise promote to float32, as plain arithmetic does
+    out = renoise(x0.bfloat16(), eps.bfloat16(), 0.5, 0.0, torch.full((2, 1, 2, 2), 5.0))
+    assert out.dtype == torch.float32 and out.flatten()[0].item() == 3.5

@@ -17,7 +17,8 @@ matching logSNRs, DDIM with eta_DDIM = 0; eta = 0 is DMD2's fresh-noise multiste
 
 Randomness is per image: image i owns a ``torch.Generator`` seeded with ``seeds[i]`` and
 draws, always in this order, its initial noise and then one ``z`` per step transition (also
-when eta or gamma = 1 makes it unused, so the stream does not depend on those settings).
+when eta or gamma = 1 makes it unused, so the stream does not depend on those settings;
+only unused draws at the end of the stream are skipped, as no other draw follows them).
 Draws happen on the CPU in float32, so a sample depends only on (condition, seed, plan,
 settings): not on batch size, chunking, process count or the other images in the batch.
 """
@@ -253,8 +254,13 @@ def _run_chunk(
     gens = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
     b = len(seeds)
     steps = plan.steps
-    # draw k: the initial noise (k = 0), then the z of the transition into step k
-    noise = _noise_streams(gens, shapes, device)
+    # draw k: the initial noise (k = 0), then the z of the transition into step k, whose
+    # weight is sqrt(1 - mix^2). Unused draws keep their place in the stream, except the
+    # trailing ones: nothing is drawn after them, so skipping them changes no other draw
+    # (with gamma = 1 the last switch's z, most of the stream, is never drawn).
+    mixes = [eta if shapes[k] == shapes[k - 1] else gamma for k in range(1, len(steps))]
+    used = 1 + max((k for k, mix in enumerate(mixes, start=1) if mix < 1.0), default=0)
+    noise = _noise_streams(gens, shapes[:used], device)
     # x_{t_0} = t_0 eps + (1 - t_0) x0 has std marginal_std(t_0) for unit-variance data; at
     # t_0 = 1 this is pure noise, and for VP backbones it is exactly DDIM's N(0, 1) start.
     x = float(marginal_std(steps[0].t)) * noise[0]
@@ -271,7 +277,7 @@ def _run_chunk(
         if i + 1 == len(steps):
             return x0_hat
         nxt_shape, t_next = shapes[i + 1], steps[i + 1].t
-        z = noise[i + 1]  # drawn for every transition: a fixed per-image stream
+        z = noise[i + 1] if i + 1 < used else None  # None only where its weight is 0
         if nxt_shape == shapes[i]:
             x = renoise(x0_hat, eps_hat, t_next, eta, z)
         else:

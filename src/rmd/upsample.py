@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -130,7 +130,7 @@ def upsample_noise(eps: torch.Tensor, size: Union[int, Sequence[int]], mode: str
     if up is eps:
         return eps  # identity resize: the noise is already white and unit-variance
     std = noise_std_map(tuple(eps.shape[-2:]), size, mode, dtype=up.dtype, device=up.device)
-    return up / std  # broadcasts over (B, C[, T]) leading dims
+    return up.div_(std)  # up is a fresh tensor; broadcasts over (B, C[, T]) leading dims
 
 
 def _bcast_t(t: Number, like: torch.Tensor) -> Number:
@@ -142,20 +142,36 @@ def _bcast_t(t: Number, like: torch.Tensor) -> Number:
     return t
 
 
-def renoise(x0: torch.Tensor, eps: torch.Tensor, t: Number, gamma: float, z: torch.Tensor) -> torch.Tensor:
+def renoise(x0: torch.Tensor, eps: torch.Tensor, t: Number, gamma: float,
+            z: Optional[torch.Tensor]) -> torch.Tensor:
     """Eq. 10 (and, with ``gamma`` = eta, the same-resolution step of Algorithm 2).
 
         x = (1 - t) x0 + t (gamma * eps + sqrt(1 - gamma^2) z)
 
     ``eps`` and ``z`` must be unit-variance per element for ``x`` to be at noise level t;
     give ``eps`` from :func:`upsample_noise` after a resolution switch. ``z`` is fresh
-    noise drawn by the caller (the sampler draws it from per-image generators). ``t`` is a
-    float or a (B,) tensor.
+    noise drawn by the caller (the sampler draws it from per-image generators); it may be
+    None when ``gamma`` = 1 gives it no weight. ``t`` is a float or a (B,) tensor.
     """
     if not (0.0 <= gamma <= 1.0):
         raise ValueError(f"noise mixing weight must be in [0, 1], got {gamma}")
-    if eps.shape != x0.shape or z.shape != x0.shape:
-        raise ValueError(f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)} and z {tuple(z.shape)} must have one shape")
+    if z is None and gamma != 1.0:
+        raise ValueError(f"z is needed: with gamma = {gamma} fresh noise has weight sqrt(1 - gamma^2) > 0")
+    if eps.shape != x0.shape or (z is not None and z.shape != x0.shape):
+        shapes = f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}" + (f" and z {tuple(z.shape)}" if z is not None else "")
+        raise ValueError(f"{shapes} must have one shape")
     tb = _bcast_t(t, x0)
-    e = gamma * eps + math.sqrt(1.0 - gamma * gamma) * z  # unit variance if eps and z are, and independent
-    return (1 - tb) * x0 + tb * e
+    # A weight of exactly 0 or 1 skips its multiply: on small, fast networks these
+    # full-size element-wise passes are most of the sampler's own time.
+    if gamma == 1.0:
+        e = eps
+    elif gamma == 0.0:
+        e = z
+    else:
+        e = gamma * eps + math.sqrt(1.0 - gamma * gamma) * z  # unit variance if eps and z are, and independent
+    # one pass for (1 - t) x0 + t e, exact at t = 0 (x0) and t = 1 (e); lerp wants one
+    # dtype, and mixed inputs (bf16 latents, float32 noise) promote as plain arithmetic would
+    dt = torch.promote_types(x0.dtype, e.dtype)
+    if isinstance(tb, torch.Tensor):
+        tb = tb.to(dtype=dt, device=x0.device)
+    return torch.lerp(x0.to(dt), e.to(dt), tb)
