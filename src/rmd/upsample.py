@@ -161,17 +161,14 @@ def renoise(x0: torch.Tensor, eps: torch.Tensor, t: Number, gamma: float,
         shapes = f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}" + (f" and z {tuple(z.shape)}" if z is not None else "")
         raise ValueError(f"{shapes} must have one shape")
     tb = _bcast_t(t, x0)
-    # A weight of exactly 0 or 1 skips its multiply: on small, fast networks these
-    # full-size element-wise passes are most of the sampler's own time.
+    # A weight of exactly 0 or 1 skips its multiply and add (same values): on small, fast
+    # networks these full-size element-wise passes are a large part of the sampler's own time.
     if gamma == 1.0:
         e = eps
     elif gamma == 0.0:
         e = z
     else:
         e = gamma * eps + math.sqrt(1.0 - gamma * gamma) * z  # unit variance if eps and z are, and independent
-    # one pass for (1 - t) x0 + t e, exact at t = 0 (x0) and t = 1 (e); lerp wants one
-    # dtype, and mixed inputs (bf16 latents, float32 noise) promote as plain arithmetic would
-    dt = torch.promote_types(x0.dtype, e.dtype)
-    if isinstance(tb, torch.Tensor):
-        tb = tb.to(dtype=dt, device=x0.device)
-    return torch.lerp(x0.to(dt), e.to(dt), tb)
+    # Plain multiplies and adds, not torch.lerp: lerp's vector and scalar code paths round
+    # differently, so an image's result would depend on where it sits in the batch.
+    return (1 - tb) * x0 + tb * e
