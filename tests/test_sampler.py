@@ -435,6 +435,23 @@ def test_bad_input_raises_before_work(bundles):
         sample(wan.denoiser, _plan("2-stage"), wan.make_cond(1), [0], eta=0.5, gamma=0.5, num_frames=4)
 
 
+class _ZeroX0:
+    """A 3-channel denoiser predicting x0_hat = 0 and a constant eps_hat, so every state is
+    the noise mixture alone and the per-image draws can be read back from it."""
+
+    def __init__(self, eps: float):
+        self.eps = eps
+
+    def check_size(self, s, f):
+        pass
+
+    def latent_shape(self, s, f):
+        return (3, *s)
+
+    def __call__(self, x, t, c):
+        return torch.zeros_like(x), torch.full_like(x, self.eps)
+
+
 @pytest.mark.parametrize("size", [8, 5])  # 3 x 8 x 8 draws in one call per image; 3 x 5 x 5 one per step
 def test_each_image_draws_its_initial_noise_then_one_z_per_transition(size):
     """The stream an image's seed gives, recovered from the states: x_0 = std(t_0) eps_0 and,
@@ -442,19 +459,9 @@ def test_each_image_draws_its_initial_noise_then_one_z_per_transition(size):
     from rmd.plan import make_plan
     from rmd.schedules import marginal_std
 
-    class Zero:
-        def check_size(self, s, f):
-            pass
-
-        def latent_shape(self, s, f):
-            return (3, *s)
-
-        def __call__(self, x, t, c):
-            return torch.zeros_like(x), torch.ones_like(x)
-
     plan = make_plan(3, [size])
     cond = Conditioning(torch.zeros(2, 1, 4))
-    _, traj = sample(Zero(), plan, cond, [11, 12], eta=0.0, gamma=1.0, return_intermediates=True)
+    _, traj = sample(_ZeroX0(eps=1.0), plan, cond, [11, 12], eta=0.0, gamma=1.0, return_intermediates=True)
     for i, seed in enumerate([11, 12]):
         g = torch.Generator().manual_seed(seed)
         want = [torch.randn((3, size, size), generator=g) for _ in range(3)]
@@ -470,20 +477,10 @@ def test_unused_draws_keep_their_place_in_the_stream(eta, gamma):
     draws before it had any weight (a trailing unused draw is skipped; its state is 0)."""
     from rmd.plan import make_plan
 
-    class Zero:
-        def check_size(self, s, f):
-            pass
-
-        def latent_shape(self, s, f):
-            return (3, *s)
-
-        def __call__(self, x, t, c):
-            return torch.zeros_like(x), torch.zeros_like(x)
-
     plan = make_plan(4, [8, 16], [-2.5])
     assert [s.size[-1] for s in plan.steps] == [8, 8, 16, 16]
     mixes = [None, eta, gamma, eta]
-    _, traj = sample(Zero(), plan, Conditioning(torch.zeros(2, 1, 4)), [5, 6], eta=eta, gamma=gamma,
+    _, traj = sample(_ZeroX0(eps=0.0), plan, Conditioning(torch.zeros(2, 1, 4)), [5, 6], eta=eta, gamma=gamma,
                      return_intermediates=True)
     for i, seed in enumerate([5, 6]):
         g = torch.Generator().manual_seed(seed)

@@ -157,9 +157,9 @@ def renoise(x0: torch.Tensor, eps: torch.Tensor, t: Number, gamma: float,
         raise ValueError(f"noise mixing weight must be in [0, 1], got {gamma}")
     if z is None and gamma != 1.0:
         raise ValueError(f"z is needed: with gamma = {gamma} fresh noise has weight sqrt(1 - gamma^2) > 0")
-    if eps.shape != x0.shape or (z is not None and z.shape != x0.shape):
-        shapes = f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)}" + (f" and z {tuple(z.shape)}" if z is not None else "")
-        raise ValueError(f"{shapes} must have one shape")
+    z_shape = x0.shape if z is None else z.shape
+    if eps.shape != x0.shape or z_shape != x0.shape:
+        raise ValueError(f"x0 {tuple(x0.shape)}, eps {tuple(eps.shape)} and z {tuple(z_shape)} must have one shape")
     tb = _bcast_t(t, x0)
     # A weight of exactly 0 or 1 skips its multiply and add (same values): on small, fast
     # networks these full-size element-wise passes are a large part of the sampler's own time.
