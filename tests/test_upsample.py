@@ -45,6 +45,24 @@ def test_operator_is_the_separable_matrix_product(mode):
     torch.testing.assert_close(upsample(x, (9, 15), mode), wh @ x @ ww.T, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape,size", [((3, 4, 16, 16), (32, 32)), ((2, 3, 5, 7), (10, 14)),
+                                        ((2, 3, 1, 4), (2, 8)), ((2, 3, 6, 5), (12, 5))])
+def test_bilinear_2x_stencil_is_the_kernel(shape, size):
+    # 2x bilinear takes a stencil on CPU: the kernel's values up to float32 rounding, the same
+    # numbers with and without autograd, and per image independent of the rest of the batch
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(5))
+    want = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    got = upsample(x, size)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    assert got.is_contiguous()
+    with_grad = upsample(x.clone().requires_grad_(), size)
+    assert torch.equal(with_grad.detach(), got)
+    assert torch.equal(upsample(x[1:2], size), got[1:2])
+    x64 = x.double().requires_grad_()
+    torch.testing.assert_close(upsample(x64, size), F.interpolate(x64, size=size, mode="bilinear",
+                                                                  align_corners=False), rtol=1e-15, atol=1e-15)
+
+
 def test_bilinear_2x_interior_variance_by_hand():
     # 2x bilinear, align_corners=False: interior outputs weigh two inputs by 0.75 / 0.25 per axis
     std = noise_std_map((8, 8), (16, 16), "bilinear", dtype=torch.float64)
@@ -110,6 +128,9 @@ def test_gradients_flow_through_both_operators():
     for mode in MODES:
         assert torch.autograd.gradcheck(lambda v: upsample(v, (5, 8), mode), (x,))
         assert torch.autograd.gradcheck(lambda v: upsample_noise(v, (5, 8), mode), (x,))
+    # and through the 2x stencil that bilinear doubling takes on CPU
+    assert torch.autograd.gradcheck(lambda v: upsample(v, (6, 10)), (x,))
+    assert torch.autograd.gradcheck(lambda v: upsample_noise(v, (6, 5)), (x,))
 
 
 def test_std_map_is_cached_per_key():

@@ -8,7 +8,9 @@ order rotates, so a slow moment of the machine is shared by all rows. Per row:
 * ``speedup_vs_single_res``: the N-step full-resolution student's time / the row's;
 * ``ideal_speedup``: the same ratio predicted from the measured cost of one network call
   at each resolution, ``sum_i c(res_i)`` over the steps (x2 for a guided pass), i.e. what
-  the cascade would gain if the sampler cost nothing besides the network;
+  the cascade would gain if the sampler cost nothing besides the network. The per-call
+  costs are timed in every round, at a rotating place among the rows, so they see the same
+  state of the machine as the rows they are compared with;
 * ``efficiency`` = measured / ideal speedup;
 * ``overhead``: share of the row's time spent outside the network calls (noise draws,
   re-noising, upsampling, guidance arithmetic) -- the sampler's own cost.
@@ -165,25 +167,25 @@ def rows_for(subject: Subject, steps: int = 4) -> list[Row]:
     return rows
 
 
-def call_costs(subject: Subject, sizes: Sequence[tuple[int, int]], reps: int = 10) -> dict[tuple[int, int], float]:
-    """Median seconds of one unguided network call on the whole batch at each size (after a warm-up call)."""
+def _call_inputs(subject: Subject, sizes: Sequence[tuple[int, int]]) -> dict[tuple[int, int], tuple]:
     den, n = subject.denoiser, len(subject.cond)
-    costs = {}
-    with torch.no_grad():
-        for size in sizes:
-            shape = (n, *den.latent_shape(size, subject.frames))
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(subject.cond.embeds.device)
-            t = torch.full((n,), 0.5, device=x.device)
-            den(x, t, subject.cond)
-            times = []
-            for _ in range(reps):
-                _sync()
-                start = time.perf_counter()
-                den(x, t, subject.cond)
-                _sync()
-                times.append(time.perf_counter() - start)
-            costs[size] = statistics.median(times)
-    return costs
+    inputs = {}
+    for size in sizes:
+        shape = (n, *den.latent_shape(size, subject.frames))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(subject.cond.embeds.device)
+        inputs[size] = (x, torch.full((n,), 0.5, device=x.device))
+    return inputs
+
+
+def _time_calls(subject: Subject, inputs: dict, reps: int, times: dict[tuple[int, int], list[float]]) -> None:
+    """Append the seconds of ``reps`` unguided network calls on the whole batch at each size to ``times``."""
+    for size, (x, t) in inputs.items():
+        for _ in range(reps):
+            _sync()
+            start = time.perf_counter()
+            subject.denoiser(x, t, subject.cond)
+            _sync()
+            times.setdefault(size, []).append(time.perf_counter() - start)
 
 
 def ideal_seconds(row: Row, costs: dict[tuple[int, int], float]) -> float:
@@ -192,9 +194,12 @@ def ideal_seconds(row: Row, costs: dict[tuple[int, int], float]) -> float:
     return per_call * sum(costs[step.size] for step in row.plan.steps)
 
 
-def run_bench(subject: Subject, rows: Sequence[Row], rounds: int = 5, reps: int = 10,
+def run_bench(subject: Subject, rows: Sequence[Row], rounds: int = 5, reps: int = 5,
               progress: bool = False) -> tuple[list[dict], dict[str, Any]]:
-    """Measure every row side by side; returns (rows as dicts with BENCH_FIELDS + details, info)."""
+    """Measure every row side by side; returns (rows as dicts with BENCH_FIELDS + details, info).
+
+    ``reps``: network calls timed at each resolution in each round, for the per-call costs.
+    """
     timed = TimedDenoiser(subject.denoiser)
     seeds = list(range(len(subject.cond)))
     samplers = {}
@@ -206,14 +211,21 @@ def run_bench(subject: Subject, rows: Sequence[Row], rounds: int = 5, reps: int 
         den, row = samplers[name]
         sample(den, row.plan, subject.cond, seeds, eta=row.eta, gamma=1.0, num_frames=subject.frames)
 
+    sizes = list(dict.fromkeys(step.size for r in rows for step in r.plan.steps))
+    inputs = _call_inputs(subject, sizes)
+    call_times: dict[tuple[int, int], list[float]] = {}
+    calls_slot = object()  # the per-call costs take a turn in every round, so they drift with the rows
     with torch.no_grad():
         for row in rows:  # warm-up: allocator and kernel caches for every size
             run(row.name)
         totals: dict[str, list[float]] = {r.name: [] for r in rows}
         inside: dict[str, float] = {r.name: 0.0 for r in rows}
-        names = [r.name for r in rows]
+        names: list[Any] = [r.name for r in rows] + [calls_slot]
         for k in range(rounds):
             for name in names[k % len(names):] + names[: k % len(names)]:
+                if name is calls_slot:
+                    _time_calls(subject, inputs, reps, call_times)
+                    continue
                 timed.seconds = 0.0
                 _sync()
                 start = time.perf_counter()
@@ -223,8 +235,7 @@ def run_bench(subject: Subject, rows: Sequence[Row], rounds: int = 5, reps: int 
                 inside[name] += timed.seconds
             if progress:
                 print(f"  bench round {k + 1}/{rounds}", file=sys.stderr)
-    sizes = list(dict.fromkeys(step.size for r in rows for step in r.plan.steps))
-    costs = call_costs(subject, sizes, reps)
+    costs = {size: statistics.median(ts) for size, ts in call_times.items()}
     n = len(subject.cond)
     single = next(r for r in rows if not r.guided and len(r.plan.stages) == 1)
     single_s = statistics.median(totals[single.name]) / n

@@ -48,8 +48,53 @@ def _as_size(size: Union[int, Sequence[int]]) -> tuple[int, int]:
     return (h, w)
 
 
+def _bilinear_2x_axis(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Bilinear 2x along ``dim`` (align_corners=False), as a two-tap stencil.
+
+    Output 2i weighs inputs (i - 1, i) by (0.25, 0.75) and output 2i + 1 weighs (i, i + 1) by
+    (0.75, 0.25); the missing neighbour at either border is the edge input itself (the clamp
+    of ``F.interpolate``). Same operator as the kernel, rounded in a different order (about
+    1e-7 relative in float32), and several times faster on CPU at the cascade's small sizes.
+    Element-wise, so an image's result does not depend on the batch around it.
+    """
+    n = x.shape[dim]
+    a, b = x * 0.75, x * 0.25  # 0.25 x is exact; both paths below add the same two roundings
+    if n == 1:
+        return torch.cat([a + b, a + b], dim)
+    shape = list(x.shape)
+    shape[dim:dim + 1] = [n, 2]
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        # sampling: write even and odd outputs in place into the interleaved result
+        out = x.new_empty(shape)
+        even, odd = out.select(dim + 1, 0), out.select(dim + 1, 1)
+        torch.add(a.narrow(dim, 1, n - 1), b.narrow(dim, 0, n - 1), out=even.narrow(dim, 1, n - 1))
+        torch.add(a.narrow(dim, 0, 1), b.narrow(dim, 0, 1), out=even.narrow(dim, 0, 1))
+        torch.add(a.narrow(dim, 0, n - 1), b.narrow(dim, 1, n - 1), out=odd.narrow(dim, 0, n - 1))
+        torch.add(a.narrow(dim, n - 1, 1), b.narrow(dim, n - 1, 1), out=odd.narrow(dim, n - 1, 1))
+        return out.flatten(dim, dim + 1)
+    # training: the same sums, built from differentiable pieces
+    prev = torch.cat([b.narrow(dim, 0, 1), b.narrow(dim, 0, n - 1)], dim)
+    nxt = torch.cat([b.narrow(dim, 1, n - 1), b.narrow(dim, n - 1, 1)], dim)
+    return torch.stack([a + prev, a + nxt], dim + 1).flatten(dim, dim + 1)
+
+
 def _interp2d(x: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """``F.interpolate`` on (N, C, h, w) with the project's fixed settings."""
+    """Resize (N, C, h, w) to ``size``: ``F.interpolate`` with the project's fixed settings.
+
+    Bilinear resizes whose every axis is kept or doubled (the cascades' usual 2x switch) take
+    the equivalent stencil :func:`_bilinear_2x_axis` instead of the kernel (on CPU, in float32/64).
+    """
+    h, w = x.shape[-2:]
+    # On a GPU the kernel is one launch against the stencil's several, so it stays there.
+    if (mode == "bilinear" and x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and size[0] in (h, 2 * h) and size[1] in (w, 2 * w)):
+        # width first: its interleaved (stride-2) writes are then on the smaller tensor, and the
+        # height pass writes whole contiguous rows
+        if size[1] == 2 * w:
+            x = _bilinear_2x_axis(x, x.dim() - 1)
+        if size[0] == 2 * h:
+            x = _bilinear_2x_axis(x, x.dim() - 2)
+        return x
     # align_corners=False (pixel-centre grid, as diffusers' pipelines resize) and no antialias:
     # antialias would make the operator depend on the direction of the resize.
     align = None if mode == "nearest" else False

@@ -59,7 +59,7 @@ class TeacherConfig(BaseModel):
     context_tokens: Optional[int] = Field(
         2, ge=1, description="context tokens the prompt is compressed to (rmd.toy.text.ContextResampler); "
         "None feeds one token per word, as teachers trained before the resampler did")
-    steps: int = Field(7000, ge=1)
+    steps: int = Field(25000, ge=1, description="the shipped teacher's count: `rmd toy train-teacher --out DIR` reproduces it")
     batch_size: int = Field(48, ge=1)
     lr: float = Field(5e-4, gt=0)
     warmup: int = Field(200, ge=0)
