@@ -45,8 +45,8 @@ def test_arm_changes_reach_the_run_config_and_nothing_else():
 
 def test_run_keys_share_equal_configs_and_separate_different_ones():
     default_in = {name: [run_key(arm_config(a)) if a.train else None for a in s.arms] for name, s in STUDIES.items()}
-    # the default RMD 2+2 (tau over the full range) is the same run in warmup, gamma (0.2), tau, split and table3
-    shared = {default_in["warmup"][0], default_in["gamma"][1], default_in["tau"][1], default_in["split"][1],
+    # the default RMD 2+2 (gamma 0, tau in the stage) is the same run in warmup, gamma (0), tau, split and table3
+    shared = {default_in["warmup"][0], default_in["gamma"][0], default_in["tau"][0], default_in["split"][1],
               default_in["table3"][0]}
     assert len(shared) == 1
     every = [k for keys in default_in.values() for k in keys if k is not None]
@@ -92,7 +92,7 @@ def test_table3_study_end_to_end(tmp_path, teacher_dir, capsys):
         warnings.simplefilter("ignore")
         rows_tau = run_study("tau", out, num_images=4, max_steps=2, rounds=1, timing_batch=2, progress=False,
                              teacher=teacher_dir, overrides=SMALL)
-    assert rows_tau[1]["run"] == rows[0]["run"]
+    assert rows_tau[0]["run"] == rows[0]["run"]  # "tau in stage" is the recipe default
     assert os.path.getmtime(os.path.join(rows[0]["run"], "metrics.jsonl")) == before
 
 

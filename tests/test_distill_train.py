@@ -384,16 +384,16 @@ def test_two_gloo_processes_stay_in_sync(teacher_dir, tmp_path):
 
 def test_sampling_follows_the_training_trajectory_unless_the_recipe_says_otherwise(tmp_path, teacher_dir):
     rmd = load_run_config("toy-rmd", teacher=teacher_dir)
-    assert (rmd.sampling.eta, rmd.sampling.gamma) == (rmd.method_config.eta, rmd.method_config.gamma) == (0.0, 0.2)
+    assert (rmd.sampling.eta, rmd.sampling.gamma) == (rmd.method_config.eta, rmd.method_config.gamma) == (0.0, 0.0)
     tdm = load_run_config("toy-tdm", teacher=teacher_dir)
     assert (tdm.sampling.eta, tdm.sampling.gamma) == (1.0, 1.0)
-    over = load_run_config("toy-rmd", teacher=teacher_dir, method_config={"eta": 0.5})
-    assert over.sampling.eta == 0.5  # an override of the training value moves the default with it
+    over = load_run_config("toy-rmd", teacher=teacher_dir, method_config={"eta": 0.5, "gamma": 0.3})
+    assert (over.sampling.eta, over.sampling.gamma) == (0.5, 0.3)  # an override of the training value moves the default with it
     path = recipe_file(tmp_path, teacher_dir)
     text = open(path).read().replace("distill:", "sampling: {eta: 0.9}\ndistill:")
     open(path, "w").write(text)
     explicit = load_run_config(path)
-    assert (explicit.sampling.eta, explicit.sampling.gamma) == (0.9, 0.2)
+    assert (explicit.sampling.eta, explicit.sampling.gamma) == (0.9, 0.2)  # the method default, untouched
 
 
 def test_set_options_override_single_values(tmp_path, teacher_dir, capsys):

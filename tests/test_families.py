@@ -102,7 +102,9 @@ def test_pipeline_matches_the_run_and_is_deterministic(family_run):
     shape = (2, 3, frames, res[-1], res[-1]) if frames else (2, 3, res[-1], res[-1])
     assert got.shape == shape and torch.isfinite(got).all()
     again = pipe(PROMPTS[1], seeds=[6], output_type="pt").images  # alone, not batched
-    torch.testing.assert_close(again[0], got[1], atol=1e-5, rtol=1e-4)
+    # batch size changes the kernels' summation order (CI saw 1.4e-5 on one pixel of Wan's video); a
+    # wrong seed or a batch-coupled noise stream moves pixels by tenths, so 1e-4 still tells them apart
+    torch.testing.assert_close(again[0], got[1], atol=1e-4, rtol=1e-3)
     want = sample_run(run, PROMPTS[:2], [5, 6])  # the LoRA on the shared base, text encoders live
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
     pil = pipe(PROMPTS[0], seed=1).images[0]

@@ -125,7 +125,7 @@ def _sampling_for(recipe: Recipe, method: Mapping[str, Any]) -> dict[str, Any]:
     A generator is trained on the states its own backward simulation produces (re-noising
     with the method's eta within a stage and gamma at a switch); sampling it with other
     values feeds it states it never saw. Measured on the toy: the teacher's 2+2 cascade at
-    initialisation scores alignment 0.56 with the training values (eta 0, gamma 0.2) and
+    initialisation scores alignment 0.56 with the then training values (eta 0, gamma 0.2) and
     0.42 with eta 0.9, gamma 1.0. A recipe that sets eta or gamma keeps its value.
     """
     sampling = recipe.sampling.model_dump()
