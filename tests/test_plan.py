@@ -143,3 +143,23 @@ def test_recipe_errors_name_the_key(tmp_path):
         load_recipe(str(impossible))
     with pytest.raises(PlanError, match="built-in recipes"):
         load_recipe("no-such-recipe")
+
+
+def test_recipe_times_place_the_steps_and_the_cli_follows_them(tmp_path, capsys):
+    head = "name: x\nbackbone: toy\nteacher_guidance_scale: 3\nteacher_steps: 50\n"
+    path = tmp_path / "early.yaml"
+    path.write_text(head + "schedule: {steps: 4, resolutions: [16, 32], thresholds: [-4.5], times: [1.0, 0.9, 0.75, 0.25]}\n")
+    plan = load_recipe(str(path)).schedule.plan()
+    assert [s.t for s in plan.steps] == pytest.approx([1.0, 0.9, 0.75, 0.25])
+    # step 1 at t = 0.9 seen at 32 px: shift by 2 gives t' = 1.8 / 1.9, logSNR 2 log(0.1 / 1.8) = -5.78 < -4.5,
+    # so it stays at 16 px; step 2 (t = 0.75): 2 log(0.25 / 1.5) = -3.58 >= -4.5 moves on
+    assert [s.stage for s in plan.steps] == [0, 0, 1, 1]
+    assert main(["schedule", "--recipe", str(path), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got == json.loads(json.dumps(plan.to_dict()))
+    assert main(["schedule", "--times", "1,0.9,0.75,0.25", "--resolutions", "16,32", "--thresholds=-4.5", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == got
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(head + "schedule: {steps: 3, resolutions: [16, 32], thresholds: [-4.5], times: [1.0, 0.5]}\n")
+    with pytest.raises(PlanError, match="explicit times"):
+        load_recipe(str(wrong))

@@ -30,6 +30,9 @@ class ScheduleConfig(BaseModel):
     resolutions: list[Union[int, str]]
     thresholds: list[float] = []
     flow_shift: float = Field(1.0, gt=0)
+    times: Optional[list[float]] = Field(
+        None, description="explicit native step times in (0, 1], strictly decreasing, one per step "
+        "(replaces the uniform times and flow_shift; rmd.plan.make_plan)")
 
     @field_validator("resolutions")
     @classmethod
@@ -39,7 +42,7 @@ class ScheduleConfig(BaseModel):
         return v
 
     def plan(self) -> StagePlan:
-        return make_plan(self.steps, self.resolutions, self.thresholds, self.flow_shift)
+        return make_plan(self.steps, self.resolutions, self.thresholds, self.flow_shift, times=self.times)
 
 
 class SamplingConfig(BaseModel):
