@@ -159,6 +159,8 @@ def test_recipe_times_place_the_steps_and_the_cli_follows_them(tmp_path, capsys)
     assert got == json.loads(json.dumps(plan.to_dict()))
     assert main(["schedule", "--times", "1,0.9,0.75,0.25", "--resolutions", "16,32", "--thresholds=-4.5", "--json"]) == 0
     assert json.loads(capsys.readouterr().out) == got
+    assert main(["schedule", "--times", "1,0.9,x", "--resolutions", "16,32"]) == 2
+    assert "times '1,0.9,x' must be comma-separated numbers" in capsys.readouterr().err
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text(head + "schedule: {steps: 3, resolutions: [16, 32], thresholds: [-4.5], times: [1.0, 0.5]}\n")
     with pytest.raises(PlanError, match="explicit times"):

@@ -28,12 +28,6 @@ def _lazy(module: str, function: str):
     return run
 
 
-def _float_list(text: str) -> list[float]:
-    try:
-        return [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers such as 1,0.9,0.75,0.25, got {text!r}")
-
 def _cmd_schedule(args: argparse.Namespace) -> None:
     from .plan import make_plan
     from .recipes import load_recipe
@@ -41,7 +35,7 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
     if args.recipe:
         recipe = load_recipe(args.recipe)
         sched = recipe.schedule
-        steps = args.steps or sched.steps
+        steps = args.steps or (None if args.times is not None else sched.steps)  # --times sets its own count
         resolutions = args.resolutions or sched.resolutions
         thresholds = args.thresholds if args.thresholds is not None else sched.thresholds
         shift = args.flow_shift if args.flow_shift is not None else sched.flow_shift
@@ -50,14 +44,12 @@ def _cmd_schedule(args: argparse.Namespace) -> None:
             sched.times if args.steps is None and args.flow_shift is None else None)
     else:
         if (args.steps is None and args.times is None) or args.resolutions is None:
-            raise UserError("give --steps and --resolutions (e.g. --steps 4 --resolutions 512,1024 --thresholds=-2.5), "
-                            "or --recipe NAME (see `rmd recipes`)")
+            raise UserError("give --steps (or --times) and --resolutions (e.g. --steps 4 --resolutions 512,1024 "
+                            "--thresholds=-2.5), or --recipe NAME (see `rmd recipes`)")
         steps, resolutions = args.steps, args.resolutions
         thresholds = args.thresholds or ""
         shift = args.flow_shift if args.flow_shift is not None else 1.0
         times = args.times
-    if times is not None and args.steps is None:
-        steps = None  # the count is the number of times given
     plan = make_plan(steps, resolutions, thresholds, flow_shift=shift, times=times)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=1))
@@ -156,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resolutions", help="comma-separated, low to high: 512,1024 or 480x832,720x1248")
     s.add_argument("--thresholds", help="comma-separated logSNR thresholds, one per switch: --thresholds=-2.5")
     s.add_argument("--flow-shift", type=float, help="SD3-style flow shift of the step times (default 1)")
-    s.add_argument("--times", type=_float_list, help="explicit native step times, decreasing in (0, 1]: "
+    s.add_argument("--times", help="explicit native step times, decreasing in (0, 1]: "
                    "--times 1,0.9,0.75,0.25 (replaces the uniform times and the flow shift)")
     s.add_argument("--json", action="store_true", help="print JSON instead of a table")
     s.set_defaults(func=_cmd_schedule)

@@ -59,14 +59,16 @@ def parse_sizes(spec: Union[str, Iterable[SizeLike]]) -> list[Size]:
     return [parse_size(p) for p in parts]
 
 
-def parse_floats(spec: Union[str, Iterable[float], None]) -> list[float]:
+def parse_floats(spec: Union[str, Iterable[float], None], what: str = "thresholds",
+                 example: str = "--thresholds=-6,-2.5") -> list[float]:
+    """A comma-separated string or a sequence of numbers -> floats; ``what``/``example`` word the error."""
     if spec is None:
         return []
     if isinstance(spec, str):
         try:
             return [float(p) for p in spec.split(",") if p.strip()]
         except ValueError:
-            raise PlanError(f"thresholds {spec!r} must be comma-separated numbers, e.g. --thresholds=-6,-2.5") from None
+            raise PlanError(f"{what} {spec!r} must be comma-separated numbers, e.g. {example}") from None
     return [float(v) for v in spec]
 
 
@@ -172,7 +174,7 @@ def make_plan(
     resolutions: Union[str, Iterable[SizeLike]],
     thresholds: Union[str, Iterable[float], None] = (),
     flow_shift: float = 1.0,
-    times: Optional[Sequence[float]] = None,
+    times: Union[str, Sequence[float], None] = None,
 ) -> StagePlan:
     """Build and validate a stage plan.
 
@@ -190,7 +192,7 @@ def make_plan(
             raise PlanError(f"steps must be a positive integer, got {steps!r}")
         ts = uniform_times(int(steps), flow_shift)
     else:
-        ts = [float(t) for t in times]
+        ts = parse_floats(times, "times", "--times 1,0.9,0.75,0.25")
         if steps is not None and steps != len(ts):
             raise PlanError(f"steps={steps} but {len(ts)} explicit times were given; drop one of them")
         if not ts:
