@@ -71,6 +71,10 @@ def test_shipped_student_equals_its_run_and_is_tied_to_its_teacher(demo, tmp_pat
         from_run = run_method("dmd2", os.path.join(out, "dmd2"))
         prompts = ["a red circle on the left on a black background"] * 2
         assert torch.equal(shipped.generate(prompts, [3, 4]), from_run.generate(prompts, [3, 4]))
+        # `rmd toy eval --run NAME=DIR` takes a shipped student's folder as well as a run folder
+        by_folder = run_method("dmd2", os.path.join(students, "dmd2"), teacher_dir=teacher)
+        assert by_folder.source == "shipped"
+        assert torch.equal(by_folder.generate(prompts, [3, 4]), from_run.generate(prompts, [3, 4]))
         other = save_tiny_teacher(str(tmp_path / "other"), seed=5)
         with pytest.raises(UserError, match="another toy teacher"):
             shipped_method("dmd2", other, students)

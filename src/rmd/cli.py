@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "bootstrap rounds over the evaluation images")
     e.add_argument("--grid", default=None, help="write a PNG grid of the samples of each row here")
     e.add_argument("--run", action="append", metavar="NAME=DIR",
-                   help="also evaluate the generator of a finished `rmd distill` folder as row NAME (repeatable)")
+                   help="also evaluate the generator of a finished `rmd distill` folder, or of a shipped student's "
+                        "folder (src/rmd/assets/toy/students/dmd2), as row NAME (repeatable)")
     e.set_defaults(func=_lazy("toy.evaluate", "run_eval_command"))
 
     _add_distill_parsers(sub)

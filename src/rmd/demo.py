@@ -98,23 +98,34 @@ def from_model_like(model: torch.nn.Module):
     return from_model(model, vae_scale_factor=1)
 
 
-def run_method(name: str, run_dir: str) -> Method:
-    """A method from a finished ``rmd distill`` run folder (its exported generator LoRA)."""
+def run_method(name: str, run_dir: str, teacher_dir: str = TEACHER_DIR) -> Method:
+    """A method from a finished ``rmd distill`` run folder (its exported generator LoRA), or from a
+    shipped student's folder (``config.yaml``, ``generator_lora.safetensors``, ``record.json``), which
+    must have been trained on ``teacher_dir``; a run folder names its own teacher."""
     from .distill.config import load_run_config
     from .distill.sample_cli import generator_weights
 
+    if os.path.isfile(os.path.join(run_dir, SHIPPED_LORA)) and not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        return _shipped_folder(name, run_dir, teacher_dir)
     path, _ = generator_weights(run_dir, "final")  # a clear error if the run has not finished
     cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
     return _student_method(name, cfg, path, "transformer", "trained in this run", summarise_run(run_dir, cfg))
 
 
+SHIPPED_LORA = "generator_lora.safetensors"
+
+
 def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR) -> Method:
     """A baseline student shipped in the package, checked against the shipped teacher."""
+    return _shipped_folder(name, os.path.join(students_dir, name), teacher_dir)
+
+
+def _shipped_folder(name: str, folder: str, teacher_dir: str) -> Method:
+    """The student in a shipped-student folder, refused unless it was trained on ``teacher_dir``."""
     from .cli import UserError
     from .distill.config import load_run_config
 
-    folder = os.path.join(students_dir, name)
-    files = ("config.yaml", "generator_lora.safetensors", "record.json")
+    files = ("config.yaml", SHIPPED_LORA, "record.json")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
         raise UserError(f"the shipped {name} student is incomplete ({folder} lacks {missing}); "
@@ -125,8 +136,7 @@ def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str 
         raise UserError(f"the shipped {name} student was trained on another toy teacher than the one installed; "
                         "run `rmd demo --train-baselines` to train the baselines against this teacher")
     cfg = load_run_config(os.path.join(folder, "config.yaml"), teacher=teacher_dir)
-    return _student_method(name, cfg, os.path.join(folder, "generator_lora.safetensors"), "transformer", "shipped",
-                           record)
+    return _student_method(name, cfg, os.path.join(folder, SHIPPED_LORA), "transformer", "shipped", record)
 
 
 def summarise_run(run_dir: str, cfg) -> dict[str, Any]:
