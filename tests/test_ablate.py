@@ -26,7 +26,7 @@ def test_split_and_three_stage_studies_give_the_papers_allocations():
     for study in ("split", "stages3"):
         for arm in STUDIES[study].arms:
             cfg = arm_config(arm)
-            assert "+".join(map(str, _allocation(cfg))) == arm.label
+            assert "+".join(map(str, _allocation(cfg))) == arm.label.split(",")[0]
     assert [s.size[0] for s in arm_config(STUDIES["stages3"].arms[0]).plan().stages] == [8, 16, 32]
 
 

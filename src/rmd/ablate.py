@@ -92,14 +92,17 @@ STUDIES: dict[str, Study] = {
         "Steps per stage (Table 4)", "How many of the 4 steps should run at low resolution? (thresholds -6, -2.5, 0)",
         (Arm("1+3", "toy-rmd", schedule={"thresholds": [-6.0]}),
          Arm("2+2", "toy-rmd"),
-         Arm("3+1", "toy-rmd", schedule={"thresholds": [0.0]})),
+         Arm("3+1", "toy-rmd", schedule={"thresholds": [0.0]}),
+         Arm("2+2, 32 px from t = 0.75", "toy-rmd-early32")),
         "split"),
     "stages3": Study(
         "Three stages 8 -> 16 -> 32 px (Table 5)", "How to spread 4 steps over three resolutions? "
         "(thresholds (-6, -2.5), (-6, 0), (-2.5, 0))",
         (Arm("1+1+2", "toy-rmd-3stage", schedule={"thresholds": [-6.0, -2.5]}),
          Arm("1+2+1", "toy-rmd-3stage", schedule={"thresholds": [-6.0, 0.0]}),
-         Arm("2+1+1", "toy-rmd-3stage", schedule={"thresholds": [-2.5, 0.0]})),
+         Arm("2+1+1", "toy-rmd-3stage", schedule={"thresholds": [-2.5, 0.0]}),
+         # Table 3 on three stages: the 8 px teacher is the degraded one, so matching there is the naive risk
+         Arm("1+1+2, naive cascade", "toy-naive", schedule={"resolutions": [8, 16, 32], "thresholds": [-6.0, -2.5]})),
         "split"),
 }
 
