@@ -163,3 +163,44 @@ def test_a_folder_whose_config_and_resampler_disagree_is_refused(tmp_path):
     shutil.rmtree(os.path.join(path, "text_resampler"))
     with pytest.raises(ValueError, match="lacks text_resampler"):
         load_teacher(path)
+
+
+def test_teacher_training_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch):
+    # the loop draws every batch, time and noise from (seed, step): a run killed after its step-4
+    # checkpoint and resumed must end on the same bytes as one that never stopped
+    from helpers import TINY
+
+    import rmd.toy.teacher as teacher_mod
+    from safetensors.torch import load_file
+
+    cfg = TeacherConfig(**TINY, steps=7, batch_size=2, warmup=1, checkpoint_every=4, log_every=1)
+    straight = str(tmp_path / "straight")
+    teacher_mod.train_teacher(cfg, straight, progress=False)
+
+    real_lr = teacher_mod._lr_at
+
+    def crash_at_step_5(step, c):
+        if step == 5:
+            raise KeyboardInterrupt("killed")
+        return real_lr(step, c)
+
+    resumed = str(tmp_path / "resumed")
+    monkeypatch.setattr(teacher_mod, "_lr_at", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        teacher_mod.train_teacher(cfg, resumed, progress=False)
+    assert os.path.isfile(os.path.join(resumed, "checkpoint.pt"))
+    assert not os.path.isdir(os.path.join(resumed, "transformer"))  # no half-finished model folder
+    monkeypatch.setattr(teacher_mod, "_lr_at", real_lr)
+    record = teacher_mod.train_teacher(cfg, resumed, progress=False)
+
+    with open(os.path.join(straight, "training_record.json")) as f:
+        want = [p["loss"] for p in json.load(f)["loss_curve"]]
+    assert [p["loss"] for p in record["loss_curve"]] == want and len(want) == 7
+    for part in ("transformer", "text_encoder", "text_resampler"):
+        names = [n for n in os.listdir(os.path.join(straight, part)) if n.endswith(".safetensors")]
+        assert names
+        for name in names:
+            a = load_file(os.path.join(straight, part, name))
+            b = load_file(os.path.join(resumed, part, name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(os.path.join(resumed, "checkpoint.pt"))  # removed once the model is written
