@@ -78,6 +78,8 @@ def test_shipped_student_equals_its_run_and_is_tied_to_its_teacher(demo, tmp_pat
         other = save_tiny_teacher(str(tmp_path / "other"), seed=5)
         with pytest.raises(UserError, match="another toy teacher"):
             shipped_method("dmd2", other, students)
+        with pytest.raises(UserError, match="another toy teacher.*--teacher"):
+            run_method("mine", os.path.join(students, "dmd2"), teacher_dir=other)  # `rmd toy eval --run`
     os.remove(os.path.join(students, "dmd2", "record.json"))
     with pytest.raises(UserError, match="incomplete"):
         shipped_method("dmd2", teacher, students)

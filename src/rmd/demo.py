@@ -105,36 +105,51 @@ def run_method(name: str, run_dir: str, teacher_dir: str = TEACHER_DIR) -> Metho
     from .distill.config import load_run_config
     from .distill.sample_cli import generator_weights
 
-    if os.path.isfile(os.path.join(run_dir, SHIPPED_LORA)) and not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
-        return _shipped_folder(name, run_dir, teacher_dir)
+    # a run folder always has metrics.jsonl and never a record.json; a shipped student the reverse
+    if os.path.isfile(os.path.join(run_dir, "record.json")) and not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+        return _shipped_folder(name, run_dir, teacher_dir,
+                               retrain=f"pass the teacher it was trained on with --teacher, or retrain it with "
+                                       f"`rmd distill --recipe {_recipe_hint(run_dir)} --out DIR`")
     path, _ = generator_weights(run_dir, "final")  # a clear error if the run has not finished
     cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
     return _student_method(name, cfg, path, "transformer", "trained in this run", summarise_run(run_dir, cfg))
 
 
 SHIPPED_LORA = "generator_lora.safetensors"
+_DEMO_FIX = "run `rmd demo --train-baselines` to train the baselines against this teacher"
 
 
 def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str = STUDENTS_DIR) -> Method:
     """A baseline student shipped in the package, checked against the shipped teacher."""
-    return _shipped_folder(name, os.path.join(students_dir, name), teacher_dir)
+    return _shipped_folder(name, os.path.join(students_dir, name), teacher_dir, retrain=_DEMO_FIX)
 
 
-def _shipped_folder(name: str, folder: str, teacher_dir: str) -> Method:
-    """The student in a shipped-student folder, refused unless it was trained on ``teacher_dir``."""
+def _recipe_hint(folder: str) -> str:
+    """The recipe name in a shipped student's record, for an error message."""
+    try:
+        with open(os.path.join(folder, "record.json"), encoding="utf-8") as f:
+            return str(json.load(f).get("recipe") or "NAME")
+    except (OSError, ValueError):
+        return "NAME"
+
+
+def _shipped_folder(name: str, folder: str, teacher_dir: str, retrain: str) -> Method:
+    """The student in a shipped-student folder, refused unless it was trained on ``teacher_dir``.
+
+    ``retrain``: what the user should do when the folder is incomplete or of another teacher.
+    """
     from .cli import UserError
     from .distill.config import load_run_config
 
     files = ("config.yaml", SHIPPED_LORA, "record.json")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise UserError(f"the shipped {name} student is incomplete ({folder} lacks {missing}); "
-                        "run `rmd demo --train-baselines` to train it in the demo instead")
+        raise UserError(f"the student folder {folder} ({name}) is incomplete: it lacks {missing}; {retrain}")
     with open(os.path.join(folder, "record.json"), encoding="utf-8") as f:
         record = json.load(f)
     if record.get("teacher_sha256") != teacher_fingerprint(teacher_dir):
-        raise UserError(f"the shipped {name} student was trained on another toy teacher than the one installed; "
-                        "run `rmd demo --train-baselines` to train the baselines against this teacher")
+        raise UserError(f"the student in {folder} ({name}) was trained on another toy teacher than {teacher_dir}; "
+                        f"{retrain}")
     cfg = load_run_config(os.path.join(folder, "config.yaml"), teacher=teacher_dir)
     return _student_method(name, cfg, os.path.join(folder, SHIPPED_LORA), "transformer", "shipped", record)
 

@@ -306,7 +306,8 @@ def run_eval_command(args: argparse.Namespace) -> None:
     for item in args.run or []:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
-            raise UserError(f"--run takes NAME=DIR (a finished `rmd distill` folder), got {item!r}")
+            raise UserError(f"--run takes NAME=DIR (a finished `rmd distill` folder or a shipped student's folder), "
+                            f"got {item!r}")
         if name in names or name in [r[0] for r in runs]:
             raise UserError(f"--run {item}: the row name {name!r} is taken; choose another")
         runs.append((name, path))
@@ -315,8 +316,10 @@ def run_eval_command(args: argparse.Namespace) -> None:
         rows = standard_rows(names, eval_set, args.teacher, args.steps, args.guidance, progress=sys.stderr.isatty())
         if runs:
             from ..demo import run_method
+            from .teacher import TEACHER_DIR
 
-            rows += [Row(name, m.generate, m.nfe) for name, m in ((n, run_method(n, p)) for n, p in runs)]
+            teacher_dir = args.teacher or TEACHER_DIR  # a shipped student is checked against the teacher rows' teacher
+            rows += [Row(name, m.generate, m.nfe) for name, m in ((n, run_method(n, p, teacher_dir)) for n, p in runs)]
         evaluator = load_evaluator()
     except (ValueError, FileNotFoundError) as err:
         raise UserError(str(err)) from None
