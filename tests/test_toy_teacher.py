@@ -167,20 +167,24 @@ def test_a_folder_whose_config_and_resampler_disagree_is_refused(tmp_path):
 
 def test_teacher_training_resumes_bit_identically_after_a_crash(tmp_path, monkeypatch):
     # the loop draws every batch, time and noise from (seed, step): a run killed after its step-4
-    # checkpoint and resumed must end on the same bytes as one that never stopped
+    # checkpoint and resumed must continue from step 4 (not start over) and end on the same bytes
+    # and the same logged means as one that never stopped. log_every 3 does not divide
+    # checkpoint_every 4, so the losses since the last logged mean must survive the crash too.
     from helpers import TINY
 
     import rmd.toy.teacher as teacher_mod
     from safetensors.torch import load_file
 
-    cfg = TeacherConfig(**TINY, steps=7, batch_size=2, warmup=1, checkpoint_every=4, log_every=1)
+    cfg = TeacherConfig(**TINY, steps=7, batch_size=2, warmup=1, checkpoint_every=4, log_every=3)
     straight = str(tmp_path / "straight")
     teacher_mod.train_teacher(cfg, straight, progress=False)
 
     real_lr = teacher_mod._lr_at
+    steps_run: list[int] = []
 
     def crash_at_step_5(step, c):
-        if step == 5:
+        steps_run.append(step)
+        if step == 5 and len(steps_run) == 6:
             raise KeyboardInterrupt("killed")
         return real_lr(step, c)
 
@@ -190,12 +194,13 @@ def test_teacher_training_resumes_bit_identically_after_a_crash(tmp_path, monkey
         teacher_mod.train_teacher(cfg, resumed, progress=False)
     assert os.path.isfile(os.path.join(resumed, "checkpoint.pt"))
     assert not os.path.isdir(os.path.join(resumed, "transformer"))  # no half-finished model folder
-    monkeypatch.setattr(teacher_mod, "_lr_at", real_lr)
+    steps_run.clear()
     record = teacher_mod.train_teacher(cfg, resumed, progress=False)
+    assert steps_run == [4, 5, 6]
 
     with open(os.path.join(straight, "training_record.json")) as f:
-        want = [p["loss"] for p in json.load(f)["loss_curve"]]
-    assert [p["loss"] for p in record["loss_curve"]] == want and len(want) == 7
+        want = [(p["step"], p["loss"]) for p in json.load(f)["loss_curve"]]
+    assert [(p["step"], p["loss"]) for p in record["loss_curve"]] == want and [s for s, _ in want] == [3, 6, 7]
     for part in ("transformer", "text_encoder", "text_resampler"):
         names = [n for n in os.listdir(os.path.join(straight, part)) if n.endswith(".safetensors")]
         assert names

@@ -263,6 +263,7 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
     record = {"command": " ".join(sys.argv), "config": cfg.model_dump(mode="json"), "loss_curve": [], "wall_seconds": 0.0,
               "init_from": previous}
     start = 0
+    window: list[float] = []  # losses since the last logged mean; checkpointed, so a resumed run logs the same means
     ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     if resume and os.path.exists(ckpt_path):
         state = torch.load(ckpt_path, weights_only=False)
@@ -275,10 +276,10 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         opt.load_state_dict(state["optimizer"])
         record = state["record"]
         start = state["step"]
+        window = state.get("window", [])
     transformer.train()
     text_nets.train()
     res_rng_weights = list(cfg.resolution_weights)
-    window: list[float] = []
     t_begin = time.time() - record["wall_seconds"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="teacher")
     for step in bar:
@@ -321,7 +322,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
             record["wall_seconds"] = time.time() - t_begin
             _atomic_save({"step": step + 1, "config": cfg.model_dump(mode="json"), "transformer": transformer.state_dict(),
                           "encoder": text_nets.state_dict(), "ema_transformer": ema_t.state_dict(),
-                          "ema_encoder": ema_e.state_dict(), "optimizer": opt.state_dict(), "record": record}, ckpt_path)
+                          "ema_encoder": ema_e.state_dict(), "optimizer": opt.state_dict(), "record": record,
+                          "window": window}, ckpt_path)
     record["wall_seconds"] = round(time.time() - t_begin, 1)
     record["threads"] = torch.get_num_threads()
     # write the finished model next to the checkpoint, then swap it in: never a half-written folder
