@@ -33,7 +33,7 @@ def test_report_rows_follow_the_contract(demo):
     _, out, rows = demo
     with open(os.path.join(out, "report.json")) as f:
         assert json.load(f) == json.loads(json.dumps(rows))
-    assert [r["name"] for r in rows] == ["teacher", "dmd2", "naive", "rmd"]
+    assert [r["name"] for r in rows] == ["teacher", "dmd2", "naive", "rmd", "rmd-early32"]
     by = {r["name"]: r for r in rows}
     for r in rows:
         assert set(REPORT_FIELDS) <= set(r)
@@ -42,7 +42,8 @@ def test_report_rows_follow_the_contract(demo):
         assert r["speedup_vs_teacher"] == pytest.approx(by["teacher"]["seconds_per_image"] / r["seconds_per_image"])
         assert r["speedup_vs_4step"] == pytest.approx(by["dmd2"]["seconds_per_image"] / r["seconds_per_image"])
     assert by["teacher"]["nfe"] == 4  # 2 steps with CFG
-    assert by["dmd2"]["nfe"] == by["rmd"]["nfe"] == by["naive"]["nfe"] == 4
+    assert by["dmd2"]["nfe"] == by["rmd"]["nfe"] == by["naive"]["nfe"] == by["rmd-early32"]["nfe"] == 4
+    assert by["rmd-early32"]["training"]["recipe"] == "toy-rmd-early32"
     assert by["rmd"]["training"]["generator_updates"] == by["dmd2"]["training"]["generator_updates"] == 2
     text = open(os.path.join(out, "report.md")).read()
     assert "| rmd | rmd |" in text and "speed_quality.png" in text and "Unequal" not in text
