@@ -41,12 +41,16 @@ def test_report_rows_follow_the_contract(demo):
         # speedups are ratios of the measured times, nothing else
         assert r["speedup_vs_teacher"] == pytest.approx(by["teacher"]["seconds_per_image"] / r["seconds_per_image"])
         assert r["speedup_vs_4step"] == pytest.approx(by["dmd2"]["seconds_per_image"] / r["seconds_per_image"])
+        # the spread behind the medians: one time per timing round, and the 4-step ratio within each round
+        assert len(r["seconds_per_image_rounds"]) == 1 and r["seconds_per_image_rounds"][0] == r["seconds_per_image"]
+        assert r["speedup_vs_4step_rounds"] == pytest.approx([by["dmd2"]["seconds_per_image"] / r["seconds_per_image"]])
     assert by["teacher"]["nfe"] == 4  # 2 steps with CFG
     assert by["dmd2"]["nfe"] == by["rmd"]["nfe"] == by["naive"]["nfe"] == by["rmd-early32"]["nfe"] == 4
     assert by["rmd-early32"]["training"]["recipe"] == "toy-rmd-early32"
     assert by["rmd"]["training"]["generator_updates"] == by["dmd2"]["training"]["generator_updates"] == 2
     text = open(os.path.join(out, "report.md")).read()
     assert "| rmd | rmd |" in text and "speed_quality.png" in text and "Unequal" not in text
+    assert "within each timing round" in text and "rmd-early32 " in text.split("within each timing round")[1]
     for name in ("samples.png", "speed_quality.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000
 

@@ -207,7 +207,14 @@ def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENT
 
 def time_side_by_side(methods: Sequence[Method], prompts: list[str], seeds: list[int], rounds: int = 3,
                       progress: bool = False, warmup: bool = True) -> dict[str, float]:
-    """Median seconds per image of each method, over ``rounds`` interleaved rounds on the same batch.
+    """Median seconds per image of each method over :func:`time_rounds`."""
+    return {name: statistics.median(v) for name, v in time_rounds(methods, prompts, seeds, rounds, progress,
+                                                                   warmup).items()}
+
+
+def time_rounds(methods: Sequence[Method], prompts: list[str], seeds: list[int], rounds: int = 3,
+                progress: bool = False, warmup: bool = True) -> dict[str, list[float]]:
+    """Seconds per image of each method in each of ``rounds`` interleaved rounds on the same batch.
 
     Interleaving spreads any slow phase of the machine over all methods instead of charging
     it to whichever ran then, and the order rotates each round (A B C, B C A, ...) so no
@@ -226,7 +233,7 @@ def time_side_by_side(methods: Sequence[Method], prompts: list[str], seeds: list
             times[m.name].append((time.perf_counter() - start) / len(prompts))
         if progress:
             print(f"  timing round {r + 1}/{rounds} done", file=sys.stderr)
-    return {name: statistics.median(v) for name, v in times.items()}
+    return times
 
 
 # --- report ------------------------------------------------------------------------------------
@@ -236,8 +243,13 @@ REPORT_FIELDS = ("name", "method", "alignment", "fd", "detail", "degraded_rate",
                  "speedup_vs_teacher", "speedup_vs_4step")
 
 
-def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[str, float]) -> list[dict]:
-    """Merge evaluator results with the side-by-side timing into report rows."""
+def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[str, float],
+               per_round: Optional[dict[str, list[float]]] = None) -> list[dict]:
+    """Merge evaluator results with the side-by-side timing into report rows.
+
+    ``per_round`` (seconds per image in each timing round) adds each row's round times and its
+    speedup over the 4-step student within each round, so the report shows the timing spread.
+    """
     by_name = {m.name: m for m in methods}
     teacher_s = speed["teacher"]
     four_s = speed.get(FOUR_STEP)
@@ -264,6 +276,10 @@ def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[s
             "source": m.source,
             "training": m.record,
         }
+        if per_round is not None:
+            row["seconds_per_image_rounds"] = per_round[m.name]
+            if FOUR_STEP in per_round:
+                row["speedup_vs_4step_rounds"] = [f / t for f, t in zip(per_round[FOUR_STEP], per_round[m.name])]
         rows.append(row)
     return rows
 
@@ -309,8 +325,13 @@ def write_report_md(out: str, rows: Sequence[dict], info: dict[str, Any]) -> str
               "images). FD: Frechet distance of "
               "evaluator features to real renders of the same prompts. Detail: high-frequency energy relative to "
               "real images (1 = real; below: blur). Degraded: share of samples that look like the degraded "
-              "low-resolution training data.", "",
-              "![samples](samples.png)", "", "![speed versus quality](speed_quality.png)", "", "## Training", ""]
+              "low-resolution training data.", ""]
+    spread = [f"{r['name']} {min(r['speedup_vs_4step_rounds']):.2f}-{max(r['speedup_vs_4step_rounds']):.2f}x"
+              for r in rows if r.get("speedup_vs_4step_rounds") and r["name"] not in (FOUR_STEP, "teacher")]
+    if spread:
+        lines += ["Speedup vs 4-step within each timing round (lowest-highest; the table gives the ratio of the "
+                  "medians): " + "; ".join(spread) + ".", ""]
+    lines += ["![samples](samples.png)", "", "![speed versus quality](speed_quality.png)", "", "## Training", ""]
     if info["budget_notes"]:
         lines += ["**Unequal training budgets** (the comparison is not like for like): "
                   + "; ".join(info["budget_notes"]), ""]
@@ -396,9 +417,10 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
     eval_set = make_eval_set(num_images, seed)
     results, images = evaluate_rows([Row(m.name, m.generate, m.nfe) for m in methods], evaluator=load_evaluator(),
                                     eval_set=eval_set, return_images=True)
-    speed = time_side_by_side(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
-                              progress, warmup=False)  # evaluation has just run every method
-    rows = build_rows(results, methods, speed)
+    per_round = time_rounds(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
+                            progress, warmup=False)  # evaluation has just run every method
+    speed = {name: statistics.median(v) for name, v in per_round.items()}
+    rows = build_rows(results, methods, speed, per_round)
     # the comparison is fair only at equal budgets (generator updates x batch size): say so if not
     rmd_rec = next(m.record for m in methods if m.name == "rmd")
     budget_notes = [f"{m.name}: {m.record.get('generator_updates')} updates at batch {m.record.get('batch_size')} vs "
