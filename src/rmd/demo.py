@@ -37,6 +37,7 @@ import torch
 from .toy.teacher import ASSET_DIR, TEACHER_DIR
 
 STUDENTS_DIR = os.path.join(ASSET_DIR, "students")
+SHIPPED_LORA = "generator_lora.safetensors"  # a shipped student's LoRA, beside its config.yaml and record.json
 BASELINES = {"dmd2": "toy-dmd2", "naive": "toy-naive"}  # shipped student name -> recipe
 # trained in the demo, row name -> recipe: the 2+2 plan the ablations vary, and the same cost with the
 # 32 px stage entered at t = 0.75 (docs/RESULTS.md: level with DMD2 on alignment over five seeds)
@@ -111,14 +112,13 @@ def run_method(name: str, run_dir: str, teacher_dir: str = TEACHER_DIR) -> Metho
     # a run folder always has metrics.jsonl and never a record.json; a shipped student the reverse
     if os.path.isfile(os.path.join(run_dir, "record.json")) and not os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
         return _shipped_folder(name, run_dir, teacher_dir,
-                               retrain=f"pass the teacher it was trained on with --teacher, or retrain it with "
-                                       f"`rmd distill --recipe {_recipe_hint(run_dir)} --out DIR`")
+                               retrain="pass the teacher it was trained on with --teacher, or retrain it with "
+                                       "`rmd distill --recipe {recipe} --out DIR`")
     path, _ = generator_weights(run_dir, "final")  # a clear error if the run has not finished
     cfg = load_run_config(os.path.join(run_dir, "config.yaml"))
     return _student_method(name, cfg, path, "transformer", "trained in this run", summarise_run(run_dir, cfg))
 
 
-SHIPPED_LORA = "generator_lora.safetensors"
 _DEMO_FIX = "run `rmd demo --train-baselines` to train the baselines against this teacher"
 
 
@@ -127,19 +127,11 @@ def shipped_method(name: str, teacher_dir: str = TEACHER_DIR, students_dir: str 
     return _shipped_folder(name, os.path.join(students_dir, name), teacher_dir, retrain=_DEMO_FIX)
 
 
-def _recipe_hint(folder: str) -> str:
-    """The recipe name in a shipped student's record, for an error message."""
-    try:
-        with open(os.path.join(folder, "record.json"), encoding="utf-8") as f:
-            return str(json.load(f).get("recipe") or "NAME")
-    except (OSError, ValueError):
-        return "NAME"
-
-
 def _shipped_folder(name: str, folder: str, teacher_dir: str, retrain: str) -> Method:
     """The student in a shipped-student folder, refused unless it was trained on ``teacher_dir``.
 
-    ``retrain``: what the user should do when the folder is incomplete or of another teacher.
+    ``retrain``: what the user should do when the folder is incomplete or of another teacher;
+    ``{recipe}`` in it becomes the recipe the record names.
     """
     from .cli import UserError
     from .distill.config import load_run_config
@@ -147,12 +139,13 @@ def _shipped_folder(name: str, folder: str, teacher_dir: str, retrain: str) -> M
     files = ("config.yaml", SHIPPED_LORA, "record.json")
     missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise UserError(f"the student folder {folder} ({name}) is incomplete: it lacks {missing}; {retrain}")
+        raise UserError(f"the student folder {folder} ({name}) is incomplete: it lacks {missing}; "
+                        f"{retrain.format(recipe='NAME')}")
     with open(os.path.join(folder, "record.json"), encoding="utf-8") as f:
         record = json.load(f)
     if record.get("teacher_sha256") != teacher_fingerprint(teacher_dir):
         raise UserError(f"the student in {folder} ({name}) was trained on another toy teacher than {teacher_dir}; "
-                        f"{retrain}")
+                        f"{retrain.format(recipe=record.get('recipe') or 'NAME')}")
     cfg = load_run_config(os.path.join(folder, "config.yaml"), teacher=teacher_dir)
     return _student_method(name, cfg, os.path.join(folder, SHIPPED_LORA), "transformer", "shipped", record)
 
@@ -188,7 +181,7 @@ def ship_student(run_dir: str, name: str, command: str, dest_root: str = STUDENT
     tmp = dest + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shutil.copy(lora, os.path.join(tmp, "generator_lora.safetensors"))
+    shutil.copy(lora, os.path.join(tmp, SHIPPED_LORA))
     shutil.copy(os.path.join(run_dir, "config.yaml"), os.path.join(tmp, "config.yaml"))
     record = {**summarise_run(run_dir, cfg), "command": command, "teacher_sha256": teacher_fingerprint(cfg.teacher)}
     with open(os.path.join(tmp, "record.json"), "w", encoding="utf-8") as f:
@@ -243,13 +236,13 @@ REPORT_FIELDS = ("name", "method", "alignment", "fd", "detail", "degraded_rate",
                  "speedup_vs_teacher", "speedup_vs_4step")
 
 
-def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[str, float],
-               per_round: Optional[dict[str, list[float]]] = None) -> list[dict]:
-    """Merge evaluator results with the side-by-side timing into report rows.
+def build_rows(results: Sequence[dict], methods: Sequence[Method], per_round: dict[str, list[float]]) -> list[dict]:
+    """Merge evaluator results with the side-by-side timing (:func:`time_rounds`) into report rows.
 
-    ``per_round`` (seconds per image in each timing round) adds each row's round times and its
-    speedup over the 4-step student within each round, so the report shows the timing spread.
+    Speeds are the medians over the rounds; each row also keeps its round times and its speedup
+    over the 4-step student within each round, so the report shows the timing spread.
     """
+    speed = {name: statistics.median(v) for name, v in per_round.items()}
     by_name = {m.name: m for m in methods}
     teacher_s = speed["teacher"]
     four_s = speed.get(FOUR_STEP)
@@ -276,10 +269,9 @@ def build_rows(results: Sequence[dict], methods: Sequence[Method], speed: dict[s
             "source": m.source,
             "training": m.record,
         }
-        if per_round is not None:
-            row["seconds_per_image_rounds"] = per_round[m.name]
-            if FOUR_STEP in per_round:
-                row["speedup_vs_4step_rounds"] = [f / t for f, t in zip(per_round[FOUR_STEP], per_round[m.name])]
+        row["seconds_per_image_rounds"] = per_round[m.name]
+        if FOUR_STEP in per_round:
+            row["speedup_vs_4step_rounds"] = [f / t for f, t in zip(per_round[FOUR_STEP], per_round[m.name])]
         rows.append(row)
     return rows
 
@@ -419,8 +411,7 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
                                     eval_set=eval_set, return_images=True)
     per_round = time_rounds(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
                             progress, warmup=False)  # evaluation has just run every method
-    speed = {name: statistics.median(v) for name, v in per_round.items()}
-    rows = build_rows(results, methods, speed, per_round)
+    rows = build_rows(results, methods, per_round)
     # the comparison is fair only at equal budgets (generator updates x batch size): say so if not
     rmd_rec = next(m.record for m in methods if m.name == "rmd")
     budget_notes = [f"{m.name}: {m.record.get('generator_updates')} updates at batch {m.record.get('batch_size')} vs "
