@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import sys
 import warnings
 
@@ -143,6 +144,87 @@ def test_resume_is_exact_and_checkpoints_are_atomic(teacher_dir, tmp_path):
         a = load_file(os.path.join(straight, "checkpoints", "step-00000006", f"{role}.safetensors"))
         b = load_file(os.path.join(root, "step-00000006", f"{role}.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --- the generator's moving average -----------------------------------------------------------
+
+
+def test_generator_ema_is_the_running_average_and_resumes_exactly(teacher_dir, tmp_path):
+    """ema_k = d ema_(k-1) + (1 - d) w_k, checked from the files alone: the EMA at step 1 and the live
+    weights of steps 2-4 give the EMA at step 4 in closed form. A run killed after step 2 and resumed
+    ends on the same EMA; checkpoint sampling and the export use the average, not the last weights."""
+    from safetensors.torch import load_file
+
+    from rmd.distill.sample_cli import generator_weights, load_run
+
+    d = 0.6
+    with pytest.raises(PlanError, match="generator_ema"):
+        small("toy-rmd", teacher_dir, generator_ema=1.0)  # an average that never moves is refused
+    cfg = small("toy-rmd", teacher_dir, max_steps=4, checkpoint_every=1, keep_last=10, generator_ema=d,
+                generator_lr=1e-2)
+    run = str(tmp_path / "straight")
+    train(cfg, run, progress=False)
+
+    def ckpt(step: int, name: str) -> dict:
+        return load_file(os.path.join(run, "checkpoints", checkpoint_name(step), name))
+
+    ema1, ema4 = ckpt(1, "generator_ema.safetensors"), ckpt(4, "generator_ema.safetensors")
+    live = {k: ckpt(k, "generator.safetensors") for k in (2, 3, 4)}
+    for key in ema4:
+        want = d ** 3 * ema1[key] + (1 - d) * (d ** 2 * live[2][key] + d * live[3][key] + live[4][key])
+        torch.testing.assert_close(ema4[key], want, rtol=1e-5, atol=1e-7)
+    moved = max((ema4[k] - live[4][k]).abs().max().item() for k in ema4 if "lora_B" in k)
+    assert moved > 1e-4  # the average is not the last weights
+
+    assert generator_weights(run, 4)[0].endswith("generator_ema.safetensors")
+    averaged = probe(load_run(run, 4), teacher_dir)
+    torch.testing.assert_close(probe(load_run(run, "final"), teacher_dir), averaged, rtol=0, atol=1e-6)
+    student = load_run(run, 4)
+    from rmd.distill.train import load_lora_weights
+
+    load_lora_weights(student.base, "generator", os.path.join(run, "checkpoints", checkpoint_name(4),
+                                                              "generator.safetensors"))
+    assert (probe(student, teacher_dir) - averaged).abs().max() > 1e-5
+
+    resumed = str(tmp_path / "resumed")
+
+    def crash(line):
+        if line["step"] == 3:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(cfg, resumed, progress=False, on_step=crash)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", checkpoint_name(3)))  # as if killed before saving 3
+    assert train(cfg, resumed, resume=True, progress=False).start_step == 2
+    got = load_file(os.path.join(resumed, "checkpoints", checkpoint_name(4), "generator_ema.safetensors"))
+    assert got.keys() == ema4.keys() and all(torch.equal(got[k], ema4[k]) for k in got)
+
+
+def test_ema_swap_restores_the_live_weights_bit_for_bit():
+    from rmd.distill.train import GeneratorEMA
+
+    from helpers import tiny_base
+
+    base = tiny_base()
+    params = base.parameters("generator")
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    ema = GeneratorEMA(base, 0.5)
+    before = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p in params:
+            p.mul_(3.0)  # live weights move on; the average is at half the distance after one update
+    ema.update()
+    live = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    with pytest.raises(RuntimeError):
+        with ema.applied():
+            for p, b in zip(params, before):
+                torch.testing.assert_close(p.detach(), 2.0 * b, rtol=1e-6, atol=0)  # 0.5 b + 0.5 * 3 b
+            raise RuntimeError("sampling failed")
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, live))
+    assert [p.requires_grad for p in params] == flags  # the role's training state is untouched
 
 
 # --- a finished run: exports and the sample command ------------------------------------------

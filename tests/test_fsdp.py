@@ -35,8 +35,9 @@ def _rank_main(rank: int, world: int, port: int, cfg, out: str) -> None:
 
 def _cfg(teacher: str, sharding: str):
     # the sharded run also recomputes activations (gradient checkpointing): the same numbers either way
+    # with a generator EMA: its averages are shards like the parameters, and the export is the average
     return small("toy-rmd", teacher, max_steps=3, checkpoint_every=2, sample_every=3, sharding=sharding,
-                 gradient_checkpointing=sharding == "fsdp", method_config={"warmup_iters": 0})
+                 gradient_checkpointing=sharding == "fsdp", method_config={"warmup_iters": 0}, generator_ema=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +65,7 @@ def test_sharded_run_equals_the_unsharded_one(runs):
         assert b["loss_fake"] == pytest.approx(a["loss_fake"], rel=1e-5)
         assert b["loss_generator_per_rank"][0] != b["loss_generator_per_rank"][1]  # the ranks saw different data
     for step in (2, 3):
-        for role in ("generator", "fake"):
+        for role in ("generator", "fake", "generator_ema"):
             _close(*(load_file(os.path.join(runs[m], "checkpoints", checkpoint_name(step), f"{role}.safetensors"))
                      for m in ("none", "fsdp")))
     state = json.load(open(os.path.join(runs["fsdp"], "checkpoints", checkpoint_name(3), "state.json")))
@@ -72,6 +73,8 @@ def test_sharded_run_equals_the_unsharded_one(runs):
     lora = [load_file(os.path.join(runs[m], "export", "generator_lora", "pytorch_lora_weights.safetensors"))
             for m in ("none", "fsdp")]
     _close(*lora)
+    ema = load_file(os.path.join(runs["none"], "checkpoints", checkpoint_name(3), "generator_ema.safetensors"))
+    _close({k.removeprefix("transformer."): v for k, v in lora[0].items()}, ema)  # the export is the average
     full = [load_file(os.path.join(runs[m], "export", "generator_full", "transformer",
                                    "diffusion_pytorch_model.safetensors")) for m in ("none", "fsdp")]
     _close(*full)  # merged on a fresh copy of the base (sharded) == deep copy of the live model (plain)
@@ -88,8 +91,9 @@ def test_resume_crosses_between_sharded_and_unsharded(runs, teacher_dir, tmp_pat
     last = read_metrics(run)[-1]
     want = read_metrics(runs["none"])[-1]
     assert last["step"] == 3 and last["loss_generator"] == pytest.approx(want["loss_generator"], rel=1e-5)
-    _close(*(load_file(os.path.join(r, "checkpoints", checkpoint_name(3), "generator.safetensors"))
-             for r in (run, runs["none"])))
+    for name in ("generator", "generator_ema"):  # the EMA goes on from the checkpoint's whole tensors, sharded
+        _close(*(load_file(os.path.join(r, "checkpoints", checkpoint_name(3), f"{name}.safetensors"))
+                 for r in (run, runs["none"])))
 
 
 def test_a_real_family_shards_too(tmp_path, monkeypatch):

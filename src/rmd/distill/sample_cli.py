@@ -2,7 +2,7 @@
 
 The run's ``config.yaml`` names the teacher, the plan and the sampling settings; the
 generator LoRA comes from the run's export (``final``), its newest complete checkpoint
-(``latest``) or the checkpoint of a given step.
+(``latest``) or the checkpoint of a given step; a run with ``generator_ema`` samples its average.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from .config import RunConfig, load_run_config
 from ..lora import LORA_WEIGHT_NAME
-from .train import (Student, _user_error, build_student, check_writable_folder, checkpoint_name,
+from .train import (EMA_FILE, Student, _user_error, build_student, check_writable_folder, checkpoint_name,
                     complete_checkpoints, image_grid, load_lora_weights, sample_images)
 
 
@@ -35,7 +35,7 @@ def generator_weights(run_dir: str, checkpoint: Union[str, int, None] = None) ->
     if not found:
         raise _user_error(f"{run_dir} has no complete checkpoint; is it a `rmd distill` run folder?")
     if checkpoint == "latest":
-        return os.path.join(found[-1][1], "generator.safetensors"), False
+        return _checkpoint_generator(found[-1][1]), False
     try:
         step = int(checkpoint)
     except ValueError:
@@ -43,7 +43,13 @@ def generator_weights(run_dir: str, checkpoint: Union[str, int, None] = None) ->
     steps = {s: p for s, p in found}
     if step not in steps:
         raise _user_error(f"no checkpoint {checkpoint_name(step)} in {run_dir}; available steps: {sorted(steps)}")
-    return os.path.join(steps[step], "generator.safetensors"), False
+    return _checkpoint_generator(steps[step]), False
+
+
+def _checkpoint_generator(folder: str) -> str:
+    """The weights to sample from a checkpoint: its generator EMA when the run keeps one, as the export does."""
+    ema = os.path.join(folder, EMA_FILE)
+    return ema if os.path.isfile(ema) else os.path.join(folder, "generator.safetensors")
 
 
 def load_run(run_dir: str, checkpoint: Union[str, int, None] = None,

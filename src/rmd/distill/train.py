@@ -15,7 +15,9 @@ Run folder::
     DIR/samples/         step-XXXXXXXX.png sample grids
     DIR/checkpoints/step-XXXXXXXX/   LoRA of both roles, optimiser states, config, state.json
                                      (+ heads.safetensors: the GAN discriminator head, when gan_weight > 0)
-    DIR/export/generator_lora/pytorch_lora_weights.safetensors   (diffusers ``load_lora_adapter``)
+                                     (+ generator_ema.safetensors: the generator's average, generator_ema > 0)
+    DIR/export/generator_lora/pytorch_lora_weights.safetensors   (diffusers ``load_lora_adapter``; the
+                                     EMA weights when generator_ema > 0)
     DIR/export/generator_full/       the merged generator (toy: a folder ``load_teacher`` reads)
 
 Determinism and exact resume: iteration ``i`` on rank ``r`` draws everything (prompts,
@@ -66,8 +68,9 @@ import signal
 import threading
 import time
 import warnings
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -396,16 +399,89 @@ def lora_checksum(params: Sequence[nn.Parameter]) -> str:
     return h.hexdigest()
 
 
+EMA_FILE = "generator_ema.safetensors"  # only in runs with generator_ema > 0
+
+
+class GeneratorEMA:
+    """Exponential moving average of the generator's LoRA weights (Polyak averaging).
+
+    After every generator update, ``ema <- d * ema + (1 - d) * w`` per tensor. The live weights
+    keep training; :meth:`applied` swaps the average in for sampling and export. Why: on the toy
+    a 200-update run's FD moves by tens between checkpoints ten updates apart (91 at step 180,
+    172 at step 200 for one run, docs/RESULTS.md), so the last weights are a noisy pick.
+    Under FSDP the averages are shards like the parameters, so the update needs no collective.
+    """
+
+    def __init__(self, base: SharedBase, decay: float, init: Optional[Sequence[torch.Tensor]] = None):
+        from torch.distributed.tensor import distribute_tensor
+
+        from .sharding import is_sharded
+
+        self.base, self.decay = base, float(decay)
+        self.params = base.parameters("generator")
+        if init is None:
+            init = [p.detach() for p in self.params]
+        elif len(init) != len(self.params):
+            raise ValueError(f"the EMA has {len(init)} tensors; the generator LoRA has {len(self.params)}")
+        # ``init`` is whole tensors (from a checkpoint); a sharded parameter gets its own shard of it
+        self.shadow = [distribute_tensor(t.to(p.device), p.device_mesh, p.placements).detach()
+                       if is_sharded(p) and not is_sharded(t) else t.detach().clone().to(p.device)
+                       for t, p in zip(init, self.params)]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """The averaged weights in the generator's parameters inside the block; the live ones after."""
+        with torch.no_grad():
+            live = [p.detach().clone() for p in self.params]
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, w in zip(self.params, live):
+                    p.copy_(w)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The average as a generator LoRA state dict (checkpoint layout; with FSDP a collective)."""
+        with self.applied():
+            # copies: on the CPU the state dict's tensors are the parameters themselves, swapped back below
+            return {k: v.clone() for k, v in _lora_state(self.base, "generator").items()}
+
+
+def read_ema(path: str, base: SharedBase) -> list[torch.Tensor]:
+    """A checkpoint's EMA file as whole tensors in the order of the generator's parameters.
+
+    Read through the generator's own parameters (load, copy, restore), so the file's keys are
+    matched exactly as a checkpoint's generator file is; call before the model is sharded.
+    """
+    params = base.parameters("generator")
+    live = [p.detach().clone() for p in params]
+    load_lora_weights(base, "generator", path)
+    ema = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, live):
+            p.copy_(w)
+    return ema
+
+
 CHECKPOINT_PAUSE_ENV = "RMD_CHECKPOINT_PAUSE"  # seconds between writing a checkpoint and publishing it (tests)
 
 
-def gather_training_state(student: Student, opt_g: torch.optim.Optimizer,
-                          opt_f: torch.optim.Optimizer) -> dict[str, Any]:
-    """Both LoRAs and both optimiser states, whole, on the CPU: what a checkpoint holds (call on every rank)."""
+def gather_training_state(student: Student, opt_g: torch.optim.Optimizer, opt_f: torch.optim.Optimizer,
+                          ema: Optional[GeneratorEMA] = None) -> dict[str, Any]:
+    """Both LoRAs, both optimiser states and the generator's EMA (if on), whole, on the CPU: what a
+    checkpoint holds (call on every rank)."""
     from .sharding import full_optimizer_state
 
     return {"lora": {role: _lora_state(student.base, role) for role in ("generator", "fake")},
-            "optimizer": {"generator": full_optimizer_state(opt_g), "fake": full_optimizer_state(opt_f)}}
+            "optimizer": {"generator": full_optimizer_state(opt_g), "fake": full_optimizer_state(opt_f)},
+            "ema": ema.state() if ema is not None else None}
 
 
 def save_checkpoint(run_dir: str, step: int, student: Student, gathered: dict[str, Any], extra: dict[str, Any]) -> str:
@@ -423,6 +499,8 @@ def save_checkpoint(run_dir: str, step: int, student: Student, gathered: dict[st
     os.makedirs(tmp)
     for role in ("generator", "fake"):
         save_file(gathered["lora"][role], os.path.join(tmp, f"{role}.safetensors"), metadata={"format": "pt"})
+    if gathered.get("ema") is not None:
+        save_file(gathered["ema"], os.path.join(tmp, EMA_FILE), metadata={"format": "pt"})
     if student.head is not None:  # its optimiser state is in opt_f's (it is trained with the fake score)
         save_file({k: v.detach().to("cpu").contiguous() for k, v in student.head.state_dict().items()},
                   os.path.join(tmp, HEADS_FILE), metadata={"format": "pt"})
@@ -760,7 +838,14 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
     acc.wait_for_everyone()
     base, bb = student.base, student.backbone
     plan, method = cfg.plan(), MethodConfig(**cfg.method_config.model_dump())
+    ema_init = None
     if ckpt_path is not None:
+        if cfg.generator_ema > 0:
+            ema_path = os.path.join(ckpt_path, EMA_FILE)
+            if not os.path.isfile(ema_path):
+                raise _user_error(f"cannot resume {out}: {ckpt_path} has no {EMA_FILE} although generator_ema is "
+                                  f"{cfg.generator_ema}; resume with the config it was written with")
+            ema_init = read_ema(ema_path, base)
         load_checkpoint(ckpt_path, student)  # whole tensors, before any sharding
     else:
         broadcast_params(student.trained_params())
@@ -775,6 +860,8 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                               weight_decay=cfg.weight_decay)
     if ckpt_path is not None:
         load_optimizer_states(ckpt_path, opt_g, opt_f)
+    ema = GeneratorEMA(base, cfg.generator_ema, ema_init) if cfg.generator_ema > 0 else None
+    averaged = ema.applied if ema is not None else nullcontext  # what sampling and export see
     uncond = bb.encode([""]).to(acc.device)
 
     writer = None
@@ -808,7 +895,7 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
         if len(set(sums)) > 1:
             raise RuntimeError(f"ranks out of sync at step {step}: LoRA checksums {sums}")
         # sharded: every rank takes part in gathering the whole tensors; else rank 0 reads its own
-        gathered = gather_training_state(student, opt_g, opt_f) if (is_main or sharded) else None
+        gathered = gather_training_state(student, opt_g, opt_f, ema) if (is_main or sharded) else None
         if is_main:
             save_checkpoint(out, step, student, gathered, {"world_size": world, "rank_checksums": sums,
                                                            "sharding": "fsdp" if sharded else "none", "metrics": line})
@@ -837,6 +924,8 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 res = distill_iteration(base, bb.make_denoiser, plan, cond, uncond, method, it, rng.randrange(2**63),
                                         opt_g, opt_f, cfg.stage_loss_weights, cfg.grad_clip, real=real,
                                         head=student.head, schedule_seed=shared)
+            if ema is not None:
+                ema.update()
             step = it + 1
             extras = res.extras()
             local = torch.tensor([[res.loss_generator, res.loss_fake, res.dm_norm, *extras.values()]],
@@ -867,7 +956,8 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
                 bar.update(1)
                 logged.append(line)
             if cfg.sample_every and step % cfg.sample_every == 0 and (is_main or sharded):
-                _write_samples(out, student, sample_prompts, step, writer if is_main else None, write=is_main)
+                with averaged():
+                    _write_samples(out, student, sample_prompts, step, writer if is_main else None, write=is_main)
             if res.faulty and is_main:
                 bar.write(f"step {step}: non-finite loss or gradient, update skipped "
                           f"({bad_streak} in a row, {bad_total} in this run)")
@@ -911,9 +1001,11 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
         return TrainResult(out, start, last_saved, logged, {}, stopped)
     final = max(start, cfg.max_steps)
     exports: dict[str, str] = {}
-    state = _lora_state(base, "generator") if sharded else None  # a collective under FSDP
+    with averaged():
+        state = _lora_state(base, "generator") if sharded else None  # a collective under FSDP
+        if is_main:
+            exports = export_generator(out, student, state)
     if is_main:
-        exports = export_generator(out, student, state)
         _write_json(os.path.join(out, "run.json"), _run_info(cfg, world, "finished", final, exports))
     acc.wait_for_everyone()
     return TrainResult(out, start, final, logged, exports)

@@ -98,6 +98,9 @@ class DistillConfig(BaseModel):
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.01, ge=0)
     grad_clip: float = Field(1.0, gt=0)
+    generator_ema: float = Field(0.0, ge=0, lt=1, description="decay of an exponential moving average of the "
+                                 "generator's LoRA weights, taken after every update; sample grids, the export "
+                                 "and checkpoint sampling use it (0: off, the last weights)")
     stage_loss_weights: Optional[list[float]] = Field(None, description="w_k of the generator loss, one per stage")
     batch_size: int = Field(8, ge=1, description="prompts per process and iteration")
     max_steps: int = Field(500, ge=1, description="generator updates")
