@@ -209,3 +209,27 @@ def test_teacher_training_resumes_bit_identically_after_a_crash(tmp_path, monkey
             b = load_file(os.path.join(resumed, part, name))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(os.path.join(resumed, "checkpoint.pt"))  # removed once the model is written
+
+
+def test_speed_settings_train_the_same_model_up_to_rounding(tmp_path):
+    # torch.compile and bf16 autocast change how the step is computed, not what is trained: same
+    # batches, same init, the same losses up to rounding, and a model folder that loads as any other
+    from helpers import TINY
+
+    import rmd.toy.teacher as teacher_mod
+
+    with pytest.raises(ValueError, match="bf16_resolutions"):
+        TeacherConfig(**TINY, bf16_resolutions=(64,))
+    # one resolution: one graph to compile (the slow part of this test)
+    cfg = TeacherConfig(**TINY, steps=4, batch_size=4, warmup=1, log_every=1, resolutions=(16,),
+                        resolution_weights=(1.0,), target_resolution=16)
+    eager = teacher_mod.train_teacher(cfg, str(tmp_path / "eager"), progress=False)
+    fast_cfg = cfg.model_copy(update={"compile": True, "bf16_resolutions": (16,)})
+    fast = teacher_mod.train_teacher(fast_cfg, str(tmp_path / "fast"), progress=False)
+    a = [p["loss"] for p in eager["loss_curve"]]
+    b = [p["loss"] for p in fast["loss_curve"]]
+    assert len(a) == len(b) == 4 and a != b  # bf16 rounding shows
+    assert b == pytest.approx(a, rel=2e-2)
+    assert fast["config"]["compile"] and fast["config"]["bf16_resolutions"] == [16]
+    model = load_teacher(str(tmp_path / "fast"))  # plain parameter names: no trace of the compiled wrapper
+    assert not any("_orig_mod" in n for n, _ in model.transformer.named_parameters())

@@ -81,7 +81,17 @@ def _cmd_toy_train_teacher(args: argparse.Namespace) -> None:
         overrides["warmup"] = args.warmup
     if args.context_tokens is not None:
         overrides["context_tokens"] = args.context_tokens or None
-    cfg = TeacherConfig(**overrides)
+    if args.compile:
+        overrides["compile"] = True
+    if args.bf16_at:
+        try:
+            overrides["bf16_resolutions"] = tuple(int(r) for r in args.bf16_at.split(","))
+        except ValueError:
+            raise UserError(f"--bf16-at takes resolutions separated by commas, e.g. 32 or 16,32; got {args.bf16_at!r}")
+    try:
+        cfg = TeacherConfig(**overrides)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     record = train_teacher(cfg, args.out, resume=not args.restart, init_from=args.init_from)
     print(f"trained {cfg.steps} steps in {record['wall_seconds'] / 60:.1f} min; "
           f"final loss {record['loss_curve'][-1]['loss']:.4f}; model written to {args.out}")
@@ -170,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--context-tokens", type=int,
                    help="context tokens a prompt is compressed to (default 2; 0 feeds one token per word)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the transformer (faster steps after "
+                   "minutes of compiling; another rounding, so another teacher than the shipped one)")
+    t.add_argument("--bf16-at", metavar="RES[,RES]", help="train these resolutions under bf16 autocast, e.g. 32")
     t.set_defaults(func=_cmd_toy_train_teacher)
 
     te = toy_sub.add_parser("train-evaluator", help="train the toy evaluator (attribute read-back network)")

@@ -73,6 +73,12 @@ class TeacherConfig(BaseModel):
     log_every: int = 50
     checkpoint_every: int = 250
     guidance_scale: float = Field(3.0, description="default CFG scale for sampling the teacher")
+    # Speed settings. Both change the rounding, so a teacher trained with them is another teacher:
+    # the shipped one was trained with neither.
+    compile: bool = Field(False, description="torch.compile the transformer for training (one graph per resolution; "
+                          "minutes of compiling at the start)")
+    bf16_resolutions: tuple[int, ...] = Field((), description="resolutions whose transformer forward and backward run "
+                                              "under bf16 autocast (weights, optimiser and loss stay fp32)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -83,6 +89,9 @@ class TeacherConfig(BaseModel):
         for r in self.resolutions:
             if r % self.patch_size:
                 raise ValueError(f"resolution {r} is not divisible by patch_size {self.patch_size}")
+        unknown = sorted(set(self.bf16_resolutions) - set(self.resolutions))
+        if unknown:
+            raise ValueError(f"bf16_resolutions {unknown} are not training resolutions {list(self.resolutions)}")
         return self
 
 
@@ -279,6 +288,8 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         window = state.get("window", [])
     transformer.train()
     text_nets.train()
+    # the compiled module shares the transformer's parameters: state dicts, EMA and export use the plain one
+    net = torch.compile(transformer, dynamic=False) if cfg.compile else transformer
     res_rng_weights = list(cfg.resolution_weights)
     t_begin = time.time() - record["wall_seconds"]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="teacher")
@@ -298,8 +309,9 @@ def train_teacher(cfg: TeacherConfig, out_dir: str, resume: bool = True, progres
         ids, mask = tok(prompts)
         enc = encoder(input_ids=ids, attention_mask=mask)
         context = enc.last_hidden_state if resampler is None else resampler(enc.last_hidden_state, mask)
-        out = transformer(hidden_states=xt, encoder_hidden_states=context,
-                          pooled_projections=enc.text_embeds, timestep=1000 * t).sample
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=res in cfg.bf16_resolutions):
+            out = net(hidden_states=xt, encoder_hidden_states=context,
+                      pooled_projections=enc.text_embeds, timestep=1000 * t).sample
         loss = flow_matching_loss(out, x0, eps).mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, cfg)
