@@ -228,7 +228,7 @@ def format_rows(rows: Sequence[dict]) -> str:
 def _write_md(out: str, name: str, study: Study, rows: Sequence[dict], info: dict) -> None:
     lines = [f"# {study.title}", "", study.question, "",
              f"Command: `{info['command']}`  ", f"Finished {info['finished']}; {info['num_images']} evaluation images "
-             f"(seed {info['seed']}); timing: fastest of {info['rounds']} interleaved rounds of {info['timing_batch']} "
+             f"(seed {info['seed']}); timing: median of {info['rounds']} interleaved rounds of {info['timing_batch']} "
              f"images, {info['threads']} threads; {info['wall_seconds'] / 60:.1f} min in all.", "",
              "| arm | plan | alignment (± s.e.) | FD | detail | degraded | s/img | speed vs first |",
              "|---|---|---|---|---|---|---|---|"]

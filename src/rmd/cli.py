@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--train-baselines", action="store_true",
                     help="train the DMD2 and naive baselines here instead of using the shipped ones (slow)")
     dm.add_argument("--rounds", type=int, default=15, help="interleaved timing rounds of the students (each "
-                    "method's fastest round is its speed)")
+                    "method's median round is its speed)")
     dm.add_argument("--teacher-rounds", type=int, default=3, help="timing rounds of the teacher (at most --rounds)")
     dm.add_argument("--timing-batch", type=int, default=None,
                     help="images per method and timing round (default: 128, or --num-images if fewer; on a CPU, "
