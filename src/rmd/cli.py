@@ -180,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup", type=int)
     t.add_argument("--context-tokens", type=int,
                    help="context tokens a prompt is compressed to (default 2; 0 feeds one token per word)")
-    t.add_argument("--compile", action="store_true", help="torch.compile the transformer (faster steps after "
-                   "minutes of compiling; another rounding, so another teacher than the shipped one)")
+    t.add_argument("--compile", action="store_true", help="torch.compile the transformer (3.5 min of compiling; "
+                   "with --bf16-at 32 no faster per step on the 2-core CPU, docs/RESULTS.md; another rounding, so "
+                   "another teacher than the shipped one)")
     t.add_argument("--bf16-at", metavar="RES[,RES]", help="train these resolutions under bf16 autocast, e.g. 32")
     t.set_defaults(func=_cmd_toy_train_teacher)
 

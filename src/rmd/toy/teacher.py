@@ -74,7 +74,8 @@ class TeacherConfig(BaseModel):
     checkpoint_every: int = 250
     guidance_scale: float = Field(3.0, description="default CFG scale for sampling the teacher")
     # Speed settings. Both change the rounding, so a teacher trained with them is another teacher:
-    # the shipped one was trained with neither.
+    # the shipped one was trained with neither. On the 2-core CPU the two together measured no
+    # faster per step than eager fp32 over 400 steps (docs/RESULTS.md), after 3.5 min of compiling.
     compile: bool = Field(False, description="torch.compile the transformer for training (one graph per resolution; "
                           "minutes of compiling at the start)")
     bf16_resolutions: tuple[int, ...] = Field((), description="resolutions whose transformer forward and backward run "
