@@ -431,9 +431,10 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
     eval_set = make_eval_set(num_images, seed)
     results, images = evaluate_rows([Row(m.name, m.generate, m.nfe) for m in methods], evaluator=load_evaluator(),
                                     eval_set=eval_set, return_images=True)
+    teacher_rounds = min(teacher_rounds, rounds)
     per_round = time_rounds(methods, eval_set.prompts[:timing_batch], eval_set.seeds[:timing_batch], rounds,
                             progress, warmup=False,  # evaluation has just run every method
-                            teacher_rounds=min(teacher_rounds, rounds))
+                            teacher_rounds=teacher_rounds)
     rows = build_rows(results, methods, per_round)
     # the comparison is fair only at equal budgets (generator updates x batch size): say so if not
     rmd_rec = next(m.record for m in methods if m.name == "rmd")
@@ -446,7 +447,7 @@ def run_demo(out: str, num_images: int = 128, seed: int = 0, max_steps: Optional
     plot_speed_quality(rows, os.path.join(out, "speed_quality.png"))
     info = {"command": " ".join(["rmd"] + sys.argv[1:]) if sys.argv and "rmd" in sys.argv[0] else "run_demo()",
             "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "num_images": num_images, "rounds": rounds,
-            "teacher_rounds": min(teacher_rounds, rounds),
+            "teacher_rounds": teacher_rounds,
             "timing_batch": timing_batch, "threads": torch.get_num_threads(),
             "wall_seconds": round(time.time() - t_start, 1), "budget_notes": budget_notes}
     write_json_strict(os.path.join(out, "report.json"), rows)

@@ -421,8 +421,6 @@ class GeneratorEMA:
         self.params = base.parameters("generator")
         if init is None:
             init = [p.detach() for p in self.params]
-        elif len(init) != len(self.params):
-            raise ValueError(f"the EMA has {len(init)} tensors; the generator LoRA has {len(self.params)}")
         # ``init`` is whole tensors (from a checkpoint); a sharded parameter gets its own shard of it
         self.shadow = [distribute_tensor(t.to(p.device), p.device_mesh, p.placements).detach()
                        if is_sharded(p) and not is_sharded(t) else t.detach().clone().to(p.device)
@@ -452,22 +450,6 @@ class GeneratorEMA:
         with self.applied():
             # copies: on the CPU the state dict's tensors are the parameters themselves, swapped back below
             return {k: v.clone() for k, v in _lora_state(self.base, "generator").items()}
-
-
-def read_ema(path: str, base: SharedBase) -> list[torch.Tensor]:
-    """A checkpoint's EMA file as whole tensors in the order of the generator's parameters.
-
-    Read through the generator's own parameters (load, copy, restore), so the file's keys are
-    matched exactly as a checkpoint's generator file is; call before the model is sharded.
-    """
-    params = base.parameters("generator")
-    live = [p.detach().clone() for p in params]
-    load_lora_weights(base, "generator", path)
-    ema = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        for p, w in zip(params, live):
-            p.copy_(w)
-    return ema
 
 
 CHECKPOINT_PAUSE_ENV = "RMD_CHECKPOINT_PAUSE"  # seconds between writing a checkpoint and publishing it (tests)
@@ -845,7 +827,10 @@ def train(cfg: RunConfig, out_dir: str, *, resume: bool = False, progress: bool 
             if not os.path.isfile(ema_path):
                 raise _user_error(f"cannot resume {out}: {ckpt_path} has no {EMA_FILE} although generator_ema is "
                                   f"{cfg.generator_ema}; resume with the config it was written with")
-            ema_init = read_ema(ema_path, base)
+            # read through the generator's own parameters, so the file's keys are matched as a checkpoint's
+            # generator file is; load_checkpoint then puts the live weights back over it
+            load_lora_weights(base, "generator", ema_path)
+            ema_init = [p.detach().clone() for p in base.parameters("generator")]
         load_checkpoint(ckpt_path, student)  # whole tensors, before any sharding
     else:
         broadcast_params(student.trained_params())
